@@ -32,3 +32,7 @@ PER_LAYER = (GRAD_NORM, GRAD_ABS_MEAN, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM, U
 LABEL_RUN = "run"
 LABEL_RANK = "rank"
 LABEL_LAYER = "layer"
+
+# Position of each exported layer in model order (0 = nearest the input), so the
+# watchdog can compare first and last layers without knowing the model.
+LAYER_DEPTH = "gradwatch_layer_depth"  # {layer}
