@@ -1,0 +1,120 @@
+"""From parameter tensors to bounded `layer` labels, and per-layer values from raw sums.
+
+The probe measures every tensor; this module folds those rows into the exported
+layers: one per tensor (default), one per owning module, and optionally only the
+top-k by gradient norm plus an ``_other`` aggregate, so a 400-tensor model on 64
+ranks does not flood Prometheus. Sums fold exactly (L2 norms via their squares,
+mean |g| via L1 and element counts, the update ratio via its two L1 sums).
+Runs on the host on sampled steps only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradwatch.agent import probe
+
+OTHER = "_other"
+
+
+@dataclass(frozen=True)
+class LayerValues:
+    """What one exported layer shows; NaN where not measured."""
+
+    grad_norm: float
+    grad_abs_mean: float
+    grad_abs_max: float
+    grad_abs_min: float
+    param_norm: float
+
+
+def module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class LayerMap:
+    """Maps tensor index → exported layer label, and folds per-tensor rows into per-layer values."""
+
+    def __init__(self, names: list[str], numels: list[int], grouping: str = "tensor", top_k: int | None = None):
+        labels = names if grouping == "tensor" else [module_of(n) for n in names]
+        self.labels: list[str] = list(dict.fromkeys(labels))  # model order, unique
+        position = {label: i for i, label in enumerate(self.labels)}
+        self.tensor_label = labels
+        self.group_of = torch.tensor([position[label] for label in labels], dtype=torch.long)
+        self.numel = torch.tensor(numels, dtype=torch.float64)
+        self.top_k = top_k
+        self._kept: set[str] | None = None  # layers shown by the last capped fold_stats
+
+    def depth(self) -> dict[str, int]:
+        """Each layer's position in model order (0 nearest the input in most models)."""
+        return {label: i for i, label in enumerate(self.labels)}
+
+    def _fold(self, present: list[int], column: Tensor, how: str) -> Tensor:
+        groups = self.group_of[present]
+        n = len(self.labels)
+        if how == "sum":
+            return torch.zeros(n, dtype=torch.float64).index_add_(0, groups, column)
+        init = torch.full((n,), float("nan"), dtype=torch.float64)
+        return init.scatter_reduce_(0, groups, column, reduce=how, include_self=False)
+
+    def _has(self, present: list[int]) -> list[bool]:
+        return (self._fold(present, torch.ones(len(present), dtype=torch.float64), "sum") > 0).tolist()
+
+    def fold_stats(self, present: list[int], stats: Tensor) -> dict[str, LayerValues]:
+        """Per-layer values from probe rows (``stats[k]`` belongs to tensor ``present[k]``), host CPU."""
+        s = stats.to(torch.float64)
+        idx = torch.tensor(present, dtype=torch.long)
+        sums = {
+            "gsq": self._fold(present, s[:, probe.GRAD_NORM] ** 2, "sum"),
+            "l1": self._fold(present, s[:, probe.GRAD_L1], "sum"),
+            "numel": self._fold(present, self.numel[idx], "sum"),
+            "gmax": self._fold(present, s[:, probe.GRAD_ABS_MAX], "amax"),
+            "gmin": self._fold(present, s[:, probe.GRAD_ABS_MIN], "amin"),
+            "psq": self._fold(present, s[:, probe.PARAM_NORM] ** 2, "sum"),
+        }
+        has = self._has(present)
+        shown = [i for i in range(len(self.labels)) if has[i]]
+        if self.top_k is not None and len(shown) > self.top_k:
+            shown = sorted(shown, key=lambda i: -float(sums["gsq"][i]))[: self.top_k]
+            rest = torch.tensor([i for i in range(len(self.labels)) if has[i] and i not in set(shown)])
+            self._kept = {self.labels[i] for i in shown}
+            o = {k: v[rest] for k, v in sums.items()}
+            extra = {
+                OTHER: LayerValues(
+                    float(o["gsq"].sum().sqrt()),
+                    float(o["l1"].sum() / o["numel"].sum()),
+                    float(o["gmax"].max()),
+                    float(o["gmin"].min()),
+                    float(o["psq"].sum().sqrt()),
+                )
+            }
+        else:
+            self._kept = None
+            extra = {}
+        columns = torch.stack([sums["gsq"].sqrt(), sums["l1"] / sums["numel"], sums["gmax"], sums["gmin"], sums["psq"].sqrt()], 1)
+        rows = columns.tolist()
+        return {self.labels[i]: LayerValues(*rows[i]) for i in shown} | extra
+
+    def fold_ratio(self, present: list[int], sums: Tensor) -> dict[str, float]:
+        """Per-layer update ratio sum|Δw| / sum|w| from probe.update_l1 rows (same layers as the last fold_stats)."""
+        s = sums.to(torch.float64)
+        delta = self._fold(present, s[:, 0], "sum")
+        weight = self._fold(present, s[:, 1], "sum")
+        has = self._has(present)
+        ratio = (delta / weight).tolist()
+        out = {label: ratio[i] for i, label in enumerate(self.labels) if has[i]}
+        kept = self._kept
+        if kept is None:
+            return out
+        rest = torch.tensor([i for i, label in enumerate(self.labels) if has[i] and label not in kept])
+        return {k: v for k, v in out.items() if k in kept} | {OTHER: float(delta[rest].sum() / weight[rest].sum())}
+
+    def fold_counts(self, present: list[int], counts: Tensor) -> dict[str, tuple[int, int]]:
+        """Per-layer (NaN, Inf) element counts, only layers that have any (never capped: rare events)."""
+        nan = self._fold(present, counts[:, 0].to(torch.float64), "sum").tolist()
+        inf = self._fold(present, counts[:, 1].to(torch.float64), "sum").tolist()
+        return {label: (int(nan[i]), int(inf[i])) for i, label in enumerate(self.labels) if nan[i] or inf[i]}
+

@@ -1,0 +1,186 @@
+"""What happens around each optimizer step: the guard's decision, sampled statistics, the update ratio.
+
+``before_step`` runs in the optimizer's step pre-hook (after AMP unscaling, before
+the update), ``after_step`` in its post-hook. Device work is queued without syncs;
+the single host transfer of a step is marked below. Non-finite steps are turned
+into no-ops by clearing every gradient: optimizers skip parameters whose ``grad``
+is None, so parameters and optimizer state (Adam's moments and step count) stay
+bit-identical, and GradScaler's own skip never reaches this code (no double count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from gradwatch.agent import distributed, probe
+from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.layers import LayerMap
+from gradwatch.agent.telemetry import Telemetry
+
+log = logging.getLogger("gradwatch.agent")
+
+# Layout of the head of each step's host transfer.
+_LOCAL_BAD, _ANY_BAD, _LOSS, _LOSS_MAX, _GLOBAL_NORM, _HEAD = range(6)
+
+
+@dataclass
+class _PendingRatio:
+    present: list[int]
+    sums: Tensor  # [n, 2] on device, moved to the host with the next transfer
+
+
+class StepMonitor:
+    def __init__(
+        self,
+        params: list[Tensor],
+        layer_map: LayerMap,
+        telemetry: Telemetry,
+        optimizer: torch.optim.Optimizer,
+        config: AgentConfig,
+        ranks: distributed.RankInfo,
+    ) -> None:
+        self.params = params
+        self.layer_map = layer_map
+        self.telemetry = telemetry
+        self.optimizer = optimizer
+        self.config = config
+        self.ranks = ranks
+        self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
+        self.step = 0
+        self._loss: Tensor | None = None  # latest observed loss, on device
+        self._loss_max: Tensor | None = None  # max since the last transfer, on device
+        self._ratio: _PendingRatio | None = None
+        self._before: tuple[list[int], list[Tensor]] | None = None
+        self._skipping = False
+        self._min: dict[str, float] = {}  # last measured min |g| per layer
+
+    # -- called by the training thread -------------------------------------------------
+
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Keep the loss on its device; it reaches the host with the next step's transfer."""
+        value = loss.detach().float().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        self._loss = value
+        self._loss_max = value if self._loss_max is None else torch.fmax(self._loss_max, value)
+
+    def before_step(self) -> None:
+        self.step += 1
+        self._skipping = False
+        self._before = None
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not present:
+            self.telemetry.update(step=self.step)
+            return
+        grads = [self.params[i].grad for i in present]
+        params = [self.params[i] for i in present]
+        sampled = self.step % self.config.every == 0
+        detail = self.step % self.config.detail_every == 0
+        device = grads[0].device
+
+        stats = probe.grad_stats(grads, params, with_min=detail) if sampled and self.per_layer else None
+        norms = stats[:, probe.GRAD_NORM] if stats is not None else (probe.l2_norms(grads) if sampled else None)
+        if norms is not None:
+            # A norm is non-finite exactly when an element is (or the sum of squares overflowed).
+            local_bad = (~torch.isfinite(norms)).any().float()
+        elif self.config.guard:
+            local_bad = probe.nonfinite_flag(grads)
+        else:
+            self.telemetry.update(step=self.step)
+            return
+        any_bad = (
+            distributed.any_rank(local_bad) if self.ranks.distributed and self.config.sync_ranks else local_bad
+        )
+        nan = torch.tensor(float("nan"), device=device)
+        head = torch.stack(
+            [
+                local_bad,
+                any_bad.to(device),
+                self._loss.to(device) if self._loss is not None else nan,
+                self._loss_max.to(device) if self._loss_max is not None else nan,
+                norms.square().sum().sqrt() if norms is not None else nan,
+            ]
+        )
+        parts = [head]
+        if stats is not None:
+            parts.append(stats.flatten())
+        ratio = self._ratio
+        if ratio is not None:
+            parts.append(ratio.sums.to(device).flatten())
+        host = torch.cat(parts).cpu()  # the one host transfer (device sync) of this step
+        self._ratio = None
+        has_loss = self._loss is not None
+        self._loss_max = None
+
+        values = host[:_HEAD].tolist()
+        offset = _HEAD
+        updates: dict = {"step": self.step, "learning_rates": [float(g["lr"]) for g in self.optimizer.param_groups]}
+        if has_loss:
+            updates["loss"] = values[_LOSS]
+            self.telemetry.record_peak("loss", values[_LOSS_MAX])
+        if values[_ANY_BAD]:
+            self.telemetry.update(**updates)
+            self._skip(present, grads, local=bool(values[_LOCAL_BAD]))
+            return
+        if stats is not None:
+            rows = host[offset : offset + stats.numel()].view(len(present), probe.N_COLUMNS)
+            offset += stats.numel()
+            layers = self.layer_map.fold_stats(present, rows)
+            if detail:
+                self._min = {k: v.grad_abs_min for k, v in layers.items()}
+            else:  # min |g| is measured on detail steps only: show the last measurement
+                layers = {k: replace(v, grad_abs_min=self._min.get(k, math.nan)) for k, v in layers.items()}
+            updates["layers"] = layers
+        if ratio is not None:
+            sums = host[offset:].view(len(ratio.present), 2)
+            updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
+        if norms is not None:
+            updates["grad_global_norm"] = values[_GLOBAL_NORM]
+            self.telemetry.record_peak("grad_global_norm", values[_GLOBAL_NORM])
+        self.telemetry.update(**updates)
+        if detail and self.per_layer:
+            self._before = (present, probe.snapshot(params))
+
+    def after_step(self) -> None:
+        if self._before is None or self._skipping:
+            return
+        present, before = self._before
+        self._before = None
+        self._ratio = _PendingRatio(present, probe.update_l1(before, [self.params[i] for i in present]))
+
+    # -- the rare path -----------------------------------------------------------------
+
+    def _skip(self, present: list[int], grads: list[Tensor], local: bool) -> None:
+        """Turn this optimizer step into a no-op and account for it."""
+        self._skipping = True
+        counts = self.layer_map.fold_counts(present, probe.nonfinite_counts(grads).cpu()) if local else {}
+        for p in self.params:
+            p.grad = None
+        reason = "nonfinite" if local else "nonfinite_peer"
+        self.telemetry.count("skipped", reason)
+        for layer, (n_nan, n_inf) in counts.items():
+            if n_nan:
+                self.telemetry.count("nonfinite", (layer, "nan"), n_nan)
+            if n_inf:
+                self.telemetry.count("nonfinite", (layer, "inf"), n_inf)
+        if local and not counts:  # finite elements whose sum of squares overflowed
+            layer = self.layer_map.tensor_label[present[0]]
+            self.telemetry.count("nonfinite", (layer, "overflow"))
+            counts = {layer: (0, 0)}
+        if local:
+            first = next(iter(counts))
+            n_nan, n_inf = counts[first]
+            log.warning(
+                "gradwatch: step %d skipped: non-finite gradients, first in layer %r (nan=%d, inf=%d); %d layer(s) affected",
+                self.step, first, n_nan, n_inf, len(counts),
+            )
+        else:
+            log.warning("gradwatch: step %d skipped: another rank had non-finite gradients", self.step)
+
+    def flush(self) -> None:
+        """Move a pending observed loss to the host (at close, so the last value is not lost)."""
+        if self._loss is not None:
+            self.telemetry.update(loss=float(self._loss))
