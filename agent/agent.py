@@ -93,6 +93,10 @@ class Agent:
             self.monitor.before_step()
         except Exception:  # the trainer must never die of its monitor
             log.exception("gradwatch: step %d: monitoring failed; the step proceeds unguarded", self.monitor.step)
+            try:
+                self.monitor.recover()
+            except Exception:
+                log.exception("gradwatch: step %d: could not join the other ranks' guard decision", self.monitor.step)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         try:

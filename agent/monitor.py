@@ -58,6 +58,7 @@ class StepMonitor:
         self._before: tuple[list[int], list[Tensor]] | None = None
         self._skipping = False
         self._min: dict[str, float] = {}  # last measured min |g| per layer
+        self._synced_step = 0
 
     # -- called by the training thread -------------------------------------------------
 
@@ -91,9 +92,7 @@ class StepMonitor:
         else:
             self.telemetry.update(step=self.step)
             return
-        any_bad = (
-            distributed.any_rank(local_bad) if self.ranks.distributed and self.config.sync_ranks else local_bad
-        )
+        any_bad = self._sync(local_bad)
         nan = torch.tensor(float("nan"), device=device)
         head = torch.stack(
             [
@@ -143,6 +142,23 @@ class StepMonitor:
         self.telemetry.update(**updates)
         if detail and self.per_layer:
             self._before = (present, probe.snapshot(params))
+
+    def _sync(self, local_bad: Tensor) -> Tensor:
+        """The guard's decision across ranks: every rank must reach this once per step."""
+        if not (self.ranks.distributed and self.config.sync_ranks):
+            return local_bad
+        self._synced_step = self.step
+        return distributed.any_rank(local_bad)
+
+    def recover(self) -> None:
+        """After a failure inside before_step: join this step's collective if it was not reached
+        (so other ranks do not hang) and skip the step if any rank asked to."""
+        if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
+            device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
+            if self._sync(torch.zeros((), device=device)).item():
+                for p in self.params:
+                    p.grad = None
+                self.telemetry.count("skipped", "nonfinite_peer")
 
     def after_step(self) -> None:
         if self._before is None or self._skipping:

@@ -40,7 +40,10 @@ def _per_device(fn, *lists: list[Tensor]) -> Tensor:
 
 
 def _norms(tensors: list[Tensor], ord: float) -> Tensor:
-    return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+    # Reduced-precision norms accumulate in float32 (a float16 sum of squares overflows
+    # at 65504); float64 keeps its own precision, since narrowing is not allowed.
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    return torch.stack(torch._foreach_norm(tensors, ord, dtype=None if wide else torch.float32)).float()
 
 
 def _abs_sum_max_min(tensors: list[Tensor], with_min: bool) -> Tensor:
@@ -64,6 +67,12 @@ def _stats_block(grads: list[Tensor], params: list[Tensor], with_min: bool) -> T
     return torch.cat(
         [_norms(grads, 2.0).unsqueeze(1), _abs_sum_max_min(grads, with_min), _norms(params, 2.0).unsqueeze(1)], dim=1
     )
+
+
+@torch.no_grad()
+def l2_norms(tensors: list[Tensor]) -> Tensor:
+    """L2 norm of each tensor, float32 ``[n]`` (one multi-tensor kernel per device)."""
+    return _per_device(lambda ts: _norms(ts, 2.0), tensors)
 
 
 @torch.no_grad()

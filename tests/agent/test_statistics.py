@@ -1,0 +1,109 @@
+"""Every exported per-layer value against a plain per-parameter reference loop."""
+
+import math
+
+import pytest
+import torch
+
+from gradwatch.watchdog import metric_names as m
+from tests.agent.conftest import sample
+from tests.agent.models import MLP, ConvNet, SeqModel, loss_of
+
+
+def reference_grad_stats(model) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach().double()
+        out[name] = {
+            m.GRAD_NORM: g.norm().item(),
+            m.GRAD_ABS_MEAN: g.abs().mean().item(),
+            m.GRAD_ABS_MAX: g.abs().max().item(),
+            m.GRAD_ABS_MIN: g.abs().min().item(),
+            m.PARAM_NORM: p.detach().double().norm().item(),
+        }
+    return out
+
+
+def rtol_for(dtype) -> float:
+    # Statistics are carried in float32 whatever the model dtype; bfloat16 gradients are coarse themselves.
+    return {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+
+
+@pytest.mark.parametrize("model_cls", [MLP, ConvNet, SeqModel])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_per_layer_gradient_stats_match_reference(attach, model_cls, dtype):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = model_cls().to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = attach(model, opt, every=1, detail_every=1)
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in model.example(gen)]
+    loss_of(model, inputs).backward()
+    expected = reference_grad_stats(model)  # before the step changes the parameters
+    opt.step()
+
+    for layer, values in expected.items():
+        for metric, want in values.items():
+            got = sample(agent, metric, layer=layer)
+            assert got == pytest.approx(want, rel=rtol_for(dtype), abs=1e-30), (layer, metric)
+    global_norm = math.sqrt(sum(v[m.GRAD_NORM] ** 2 for v in expected.values()))
+    assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(global_norm, rel=rtol_for(dtype))
+
+
+def test_parameter_without_gradient_exports_no_gradient_stats(attach):
+    model = SeqModel()
+    opt = torch.optim.Adam(model.parameters())
+    agent = attach(model, opt, every=1, detail_every=1)
+    loss_of(model, model.example(torch.Generator().manual_seed(0))).backward()
+    opt.step()
+    assert model.unused.grad is None
+    assert sample(agent, m.GRAD_NORM, layer="unused") is None
+    assert sample(agent, m.GRAD_NORM, layer="embed.weight") > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
+def test_update_ratio_matches_applied_update(attach, optimizer):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        if optimizer == "sgd_momentum"
+        else torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    )
+    agent = attach(model, opt, every=1, detail_every=3)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(1, 7):
+        opt.zero_grad()
+        loss_of(model, model.example(gen)).backward()
+        before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+        opt.step()
+        if step % 3 == 0:  # the ratio is measured on detail steps (and reaches the host with the next step)
+            expected = {
+                n: (p.detach().double() - before[n]).abs().mean().item() / before[n].abs().mean().item()
+                for n, p in model.named_parameters()
+            }
+        if step % 3 == 1 and step > 1:
+            for layer, want in expected.items():
+                assert sample(agent, m.UPDATE_RATIO, layer=layer) == pytest.approx(want, rel=1e-5), layer
+
+
+def test_statistics_only_on_sampled_steps(attach):
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = attach(model, opt, every=4, detail_every=8)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for _ in range(9):
+        opt.zero_grad()
+        loss_of(model, model.example(gen)).backward()
+        expected = reference_grad_stats(model)["head.weight"][m.GRAD_NORM]
+        opt.step()
+        seen.append((sample(agent, m.GRAD_NORM, layer="head.weight"), expected))
+    # Steps 1-3: nothing measured yet; step 4 measured; 5-7 keep step 4's value; step 8 measured.
+    assert [s for s, _ in seen[:3]] == [None] * 3
+    assert seen[3][0] == pytest.approx(seen[3][1], rel=1e-5)
+    assert seen[6][0] == seen[3][0]
+    assert seen[7][0] == pytest.approx(seen[7][1], rel=1e-5)
+    assert sample(agent, m.STEP) == 9
