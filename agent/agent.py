@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import weakref
+from collections.abc import Callable
 
 import torch
 from prometheus_client import CollectorRegistry
 
 from gradwatch.agent import distributed
+from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.config import AgentConfig, build_config
+from gradwatch.agent.control import ControlClient
 from gradwatch.agent.exporter import GradwatchCollector
 from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.monitor import StepMonitor
+from gradwatch.agent.remedy import Bounds, Remediation
 from gradwatch.agent.server import MetricsServer
 from gradwatch.agent.telemetry import Telemetry
+from gradwatch.watchdog.schema import Registration, read_secret
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -57,7 +64,9 @@ class Agent:
         self.ranks = distributed.rank_info()
         self.layer_map = LayerMap(names, [p.numel() for p in params], config.layers, config.top_k)
         self.telemetry = Telemetry(self.layer_map.depth())
-        self.monitor = StepMonitor(params, self.layer_map, self.telemetry, optimizer, config, self.ranks)
+        self.remedy = Remediation(
+            Bounds(config.max_lr_cuts, config.lr_cut_window_s, config.lr_cut_cooldown_s, config.min_lr_scale)
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = GradwatchCollector(self.telemetry, config.run, self.ranks.rank)
         self.registry.register(self.collector)
@@ -65,6 +74,12 @@ class Agent:
         if port and self.ranks.distributed:
             port += self.ranks.local_rank
         self._server = MetricsServer(self.registry, self.collector, config.host, port)
+        self.control = self._connect(config)
+        self.commands = CommandRouter(self.control, self.remedy, self.telemetry, config.run, self.ranks.rank)
+        self.commands.publish()
+        self.monitor = StepMonitor(
+            params, self.layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands
+        )
         self._optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
@@ -72,6 +87,31 @@ class Agent:
         ]
         _watched.add(optimizer)
         log.info("gradwatch: watching run %r (rank %d), metrics at %s", config.run, self.ranks.rank, self.url)
+
+    def _connect(self, config: AgentConfig) -> ControlClient | None:
+        url = config.watchdog_url or os.environ.get("GRADWATCH_URL")
+        if not url:
+            return None
+        registration = Registration(
+            run=config.run,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world_size,
+            metrics_url=self.url,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+        )
+        return ControlClient(
+            url, read_secret(config.secret_file), registration,
+            poll=self.ranks.rank == 0, poll_interval_s=config.poll_interval_s,
+        )
+
+    def on_checkpoint(self, callback: Callable[[int], None]) -> None:
+        """Run ``callback(step)`` after the update of the step at which a `checkpoint` command arrives."""
+        self.commands.callbacks["checkpoint"].append(callback)
+
+    def on_stop(self, callback: Callable[[int], None]) -> None:
+        """Run ``callback(step)`` when a `stop` command arrives (e.g. set a flag the loop checks to end gracefully)."""
+        self.commands.callbacks["stop"].append(callback)
 
     @property
     def url(self) -> str:
@@ -105,14 +145,24 @@ class Agent:
             log.exception("gradwatch: step %d: measuring the update failed", self.monitor.step)
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to carry on where this one stopped."""
-        return {"version": 1, "step": self.monitor.step}
+        """What a resumed run needs to carry on where this one stopped: the step count,
+        the remediation in force (LR scale, clipping) and the ids of commands already applied."""
+        return {
+            "version": 1,
+            "step": self.monitor.step,
+            "remediation": self.remedy.state_dict(),
+            "commands_seen": self.control.seen_ids() if self.control is not None else [],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
             raise ValueError(f"gradwatch: unsupported agent state version {state.get('version')!r}")
         self.monitor.step = int(state["step"])
+        self.remedy.load_state_dict(state["remediation"])
+        if self.control is not None:
+            self.control.mark_seen(state["commands_seen"])
         self.telemetry.update(step=self.monitor.step)
+        self.commands.publish()
 
     def close(self) -> None:
         """Remove every hook and stop the endpoint. Safe to call twice."""
@@ -121,6 +171,9 @@ class Agent:
         self._handles = []
         _watched.discard(self._optimizer)
         self.monitor.flush()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         self._server.close()
 
     def __enter__(self) -> "Agent":

@@ -64,6 +64,23 @@ class AgentConfig(BaseModel):
         description="Under torch.distributed, all-reduce the guard's decision so every rank skips together.",
     )
 
+    watchdog_url: str | None = Field(
+        default=None,
+        description="Watchdog to register with and take commands from (default: the GRADWATCH_URL "
+        "environment variable; neither: the agent runs alone).",
+    )
+    secret_file: str | None = Field(
+        default=None,
+        description="File holding the shared command secret (default: the GRADWATCH_SECRET environment variable).",
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often rank 0 asks the watchdog for commands (the watchdog may change it)."
+    )
+    max_lr_cuts: int = Field(default=4, ge=0, description="At most this many LR cuts per lr_cut_window_s.")
+    lr_cut_window_s: float = Field(default=600.0, gt=0)
+    lr_cut_cooldown_s: float = Field(default=10.0, ge=0, description="Minimum time between two LR cuts.")
+    min_lr_scale: float = Field(default=1e-3, gt=0, le=1, description="The LR scale never goes below this.")
+
     @model_validator(mode="after")
     def _align_detail(self) -> "AgentConfig":
         if self.detail_every % self.every:

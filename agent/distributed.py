@@ -28,8 +28,8 @@ def rank_info() -> RankInfo:
     return RankInfo(rank, world, int(os.environ.get("LOCAL_RANK", rank if world > 1 else 0)))
 
 
-def any_rank(flag: torch.Tensor) -> torch.Tensor:
-    """Max of a 0/1 flag over all ranks (a collective: every rank must call it at the same step)."""
-    flag = flag.reshape(1).clone()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag[0]
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over all ranks (a collective: every rank must call it at the same step)."""
+    merged = flags.reshape(-1).clone()
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+    return merged.reshape(flags.shape)

@@ -47,6 +47,10 @@ class LayerMap:
         self.numel = torch.tensor(numels, dtype=torch.float64)
         self.top_k = top_k
         self._kept: set[str] | None = None  # layers shown by the last capped fold_stats
+        modules = [module_of(n) for n in names]
+        index = {name: i for i, name in enumerate(dict.fromkeys(modules))}
+        self.module_unit = torch.tensor([index[m] for m in modules], dtype=torch.long)
+        """Each tensor's module index: DL4J's "layer" for the per-layer clipping modes."""
 
     def depth(self) -> dict[str, int]:
         """Each layer's position in model order (0 nearest the input in most models)."""

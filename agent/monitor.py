@@ -19,13 +19,15 @@ from torch import Tensor
 
 from gradwatch.agent import distributed, probe
 from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
+from gradwatch.agent.remedy import Remediation
 from gradwatch.agent.telemetry import Telemetry
 
 log = logging.getLogger("gradwatch.agent")
 
 # Layout of the head of each step's host transfer.
-_LOCAL_BAD, _ANY_BAD, _LOSS, _LOSS_MAX, _GLOBAL_NORM, _HEAD = range(6)
+_LOCAL_BAD, _ANY_BAD, _LOSS, _LOSS_MAX, _GLOBAL_NORM, _ZCLIP, _HEAD = range(7)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class StepMonitor:
         optimizer: torch.optim.Optimizer,
         config: AgentConfig,
         ranks: distributed.RankInfo,
+        remedy: Remediation,
+        commands: CommandRouter,
     ) -> None:
         self.params = params
         self.layer_map = layer_map
@@ -50,6 +54,9 @@ class StepMonitor:
         self.optimizer = optimizer
         self.config = config
         self.ranks = ranks
+        self.remedy = remedy
+        self.commands = commands
+        self._peer_commands = False
         self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
         self.step = 0
         self._loss: Tensor | None = None  # latest observed loss, on device
@@ -73,27 +80,40 @@ class StepMonitor:
         self._skipping = False
         self._before = None
         present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not present:
-            self.telemetry.update(step=self.step)
-            return
         grads = [self.params[i].grad for i in present]
         params = [self.params[i] for i in present]
-        sampled = self.step % self.config.every == 0
+        device = grads[0].device if grads else torch.device("cpu")
+        commands = self.commands.take()
+        sampled = bool(grads) and self.step % self.config.every == 0
         detail = self.step % self.config.detail_every == 0
-        device = grads[0].device
+        remedy = self.remedy
 
         stats = probe.grad_stats(grads, params, with_min=detail) if sampled and self.per_layer else None
-        norms = stats[:, probe.GRAD_NORM] if stats is not None else (probe.l2_norms(grads) if sampled else None)
+        if stats is not None:
+            norms = stats[:, probe.GRAD_NORM]
+        elif grads and (sampled or remedy.clipping_active):
+            norms = probe.l2_norms(grads)
+        else:
+            norms = None
         if norms is not None:
             # A norm is non-finite exactly when an element is (or the sum of squares overflowed).
             local_bad = (~torch.isfinite(norms)).any().float()
-        elif self.config.guard:
+        elif grads and self.config.guard:
             local_bad = probe.nonfinite_flag(grads)
         else:
+            local_bad = torch.zeros((), device=device)
+        any_bad = self._sync(local_bad, len(commands))
+        if self._peer_commands:
+            commands = self.commands.broadcast(commands)
+        if commands:
+            self.commands.apply(commands, self.step)
+        if not grads or (norms is None and not self.config.guard):
             self.telemetry.update(step=self.step)
+            self._clip_and_scale(grads, norms, present)
             return
-        any_bad = self._sync(local_bad)
+
         nan = torch.tensor(float("nan"), device=device)
+        zclip = remedy.zclip.threshold() if remedy.zclip is not None else None
         head = torch.stack(
             [
                 local_bad,
@@ -101,6 +121,7 @@ class StepMonitor:
                 self._loss.to(device) if self._loss is not None else nan,
                 self._loss_max.to(device) if self._loss_max is not None else nan,
                 norms.square().sum().sqrt() if norms is not None else nan,
+                zclip.to(device) if zclip is not None else nan,
             ]
         )
         parts = [head]
@@ -116,10 +137,12 @@ class StepMonitor:
 
         values = host[:_HEAD].tolist()
         offset = _HEAD
-        updates: dict = {"step": self.step, "learning_rates": [float(g["lr"]) for g in self.optimizer.param_groups]}
+        updates: dict = {"step": self.step}
         if has_loss:
             updates["loss"] = values[_LOSS]
             self.telemetry.record_peak("loss", values[_LOSS_MAX])
+        if zclip is not None:
+            updates["clip_threshold"] = values[_ZCLIP]
         if values[_ANY_BAD]:
             self.telemetry.update(**updates)
             self._skip(present, grads, local=bool(values[_LOCAL_BAD]))
@@ -133,34 +156,56 @@ class StepMonitor:
             else:  # min |g| is measured on detail steps only: show the last measurement
                 layers = {k: replace(v, grad_abs_min=self._min.get(k, math.nan)) for k, v in layers.items()}
             updates["layers"] = layers
+            remedy.observe_healthy(
+                values[_GLOBAL_NORM],
+                max(v.grad_norm for v in layers.values()),
+                max(v.grad_abs_max for v in layers.values()),
+            )
+        elif sampled:
+            remedy.observe_healthy(values[_GLOBAL_NORM], None, None)
         if ratio is not None:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
         if norms is not None:
             updates["grad_global_norm"] = values[_GLOBAL_NORM]
             self.telemetry.record_peak("grad_global_norm", values[_GLOBAL_NORM])
-        self.telemetry.update(**updates)
         if detail and self.per_layer:
             self._before = (present, probe.snapshot(params))
+        self._clip_and_scale(grads, norms, present)
+        updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self.telemetry.update(**updates)
 
-    def _sync(self, local_bad: Tensor) -> Tensor:
-        """The guard's decision across ranks: every rank must reach this once per step."""
+    def _clip_and_scale(self, grads: list[Tensor], norms: Tensor | None, present: list[int]) -> None:
+        """Remediation for an applied step: clip the (raw-measured) gradients, scale the LR."""
+        if grads and norms is not None and self.remedy.clipping_active:
+            self.remedy.clip(grads, norms, self.layer_map.module_unit[present].to(norms.device))
+        self.remedy.apply_lr(self.optimizer)
+
+    def _sync(self, local_bad: Tensor, n_commands: int) -> Tensor:
+        """The guard's decision and rank 0's command count across ranks: every rank
+        reaches this once per step (one small all-reduce)."""
+        self._peer_commands = False
         if not (self.ranks.distributed and self.config.sync_ranks):
             return local_bad
         self._synced_step = self.step
-        return distributed.any_rank(local_bad)
+        flags = torch.stack([local_bad.float(), torch.tensor(float(n_commands), device=local_bad.device)])
+        merged = distributed.any_rank(flags)
+        self._peer_commands = bool(merged[1] > 0)  # host sync, but the guard's transfer needs it anyway
+        return merged[0]
 
     def recover(self) -> None:
         """After a failure inside before_step: join this step's collective if it was not reached
         (so other ranks do not hang) and skip the step if any rank asked to."""
         if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
             device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
-            if self._sync(torch.zeros((), device=device)).item():
+            if self._sync(torch.zeros((), device=device), 0).item():
                 for p in self.params:
                     p.grad = None
                 self.telemetry.count("skipped", "nonfinite_peer")
 
     def after_step(self) -> None:
+        self.remedy.restore_lr(self.optimizer)
+        self.commands.after_step(self.step)
         if self._before is None or self._skipping:
             return
         present, before = self._before

@@ -1,0 +1,101 @@
+"""A minimal stand-in for the watchdog's agent-facing endpoints, for agent unit tests.
+
+It speaks the wire schema (gradwatch.watchdog.schema) and checks the request
+signature exactly as the watchdog must; the real service is exercised end to end
+in tests/integration.
+"""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from gradwatch.watchdog.schema import (
+    AUTH_HEADER,
+    Ack,
+    Command,
+    CommandBatch,
+    Registration,
+    SignedCommand,
+    verify_request,
+)
+
+
+class FakeWatchdog:
+    def __init__(self, secret: bytes | None) -> None:
+        self.secret = secret
+        self.registrations: list[Registration] = []
+        self.acks: list[Ack] = []
+        self.auth_failures: list[str] = []
+        self.queue: list[SignedCommand] = []
+        self._seq = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _authorized(self, body: bytes) -> bool:
+                if owner.secret is None:
+                    return True
+                reason = verify_request(owner.secret, self.headers.get(AUTH_HEADER), self.command, self.path, body, time.time())
+                if reason:
+                    owner.auth_failures.append(reason)
+                    self.send_error(401, reason)
+                return reason is None
+
+            def _reply(self, payload: str) -> None:
+                data = payload.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if not self._authorized(body):
+                    return
+                if self.path == "/api/v1/runs":
+                    owner.registrations.append(Registration.model_validate_json(body))
+                else:
+                    owner.acks.extend(Ack.model_validate(a) for a in json.loads(body))
+                self._reply("{}")
+
+            def do_GET(self):  # noqa: N802
+                if not self._authorized(b""):
+                    return
+                after = int(self.path.rsplit("after=", 1)[1])
+                batch = CommandBatch(commands=[c for c in owner.queue if c.command.seq > after], poll_interval_s=0.05)
+                self._reply(batch.model_dump_json())
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def send(self, run: str, spec: dict, *, secret: bytes | None = None, seq: int | None = None,
+             command_id: str | None = None, ttl: float = 60.0) -> SignedCommand:
+        """Queue a command signed with ``secret`` (default: the shared one)."""
+        self._seq += 1
+        now = time.time()
+        command = Command(
+            id=command_id or f"cmd{self._seq:08d}", run=run, seq=seq or self._seq, spec=spec,
+            reason="test", issued_at=now, expires_at=now + ttl,
+        )
+        signed = SignedCommand.sign(command, secret or self.secret)
+        self.queue.append(signed)
+        return signed
+
+    def wait_for_acks(self, n: int, step_fn, timeout: float = 10.0) -> list[Ack]:
+        """Call ``step_fn()`` (one training step) until ``n`` acks arrived."""
+        deadline = time.monotonic() + timeout
+        while len(self.acks) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {len(self.acks)} of {n} acks arrived: {self.acks}")
+            step_fn()
+            time.sleep(0.01)
+        return self.acks
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,133 @@
+"""Each clipping mode against a plain reference implementation of its formula."""
+
+import math
+
+import pytest
+import torch
+
+from gradwatch.agent import clipping
+from gradwatch.agent.remedy import Remediation, Bounds
+from gradwatch.watchdog.schema import EnableClipping
+
+
+def make_grads(seed: int = 0, scale: float = 3.0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(4, 5), (4,), (3, 4), (3,), (6,)]
+    return [torch.randn(s, generator=gen) * scale for s in shapes]
+
+
+UNITS = torch.tensor([0, 0, 1, 1, 2])  # weight+bias, weight+bias, a lone tensor
+
+
+def norms_of(grads):
+    return torch.stack([g.norm() for g in grads])
+
+
+def ref_global(grads, c):
+    total = math.sqrt(sum(g.double().norm().item() ** 2 for g in grads))
+    return [g * (c / max(total, c)) for g in grads]
+
+
+def ref_per_unit(grads, units, t, renorm):
+    out = [g.clone() for g in grads]
+    for u in set(units.tolist()):
+        idx = [i for i, x in enumerate(units.tolist()) if x == u]
+        n = math.sqrt(sum(grads[i].double().norm().item() ** 2 for i in idx))
+        for i in idx:
+            if renorm:
+                out[i] = grads[i] / n
+            elif n > t:
+                out[i] = grads[i] * (t / n)
+    return out
+
+
+def assert_all_close(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("c", [0.5, 5.0, 1e6])
+def test_global_norm(c):
+    grads = make_grads()
+    want = ref_global(grads, c)
+    clipping.global_norm_(grads, norms_of(grads), c)
+    assert_all_close(grads, want)
+
+
+@pytest.mark.parametrize("t", [0.5, 4.0, 1e6])
+def test_clip_l2_per_layer_and_param_type(t):
+    for units in (UNITS, torch.arange(5)):
+        grads = make_grads()
+        want = ref_per_unit(grads, units, t, renorm=False)
+        clipping.clip_l2_per_unit_(grads, norms_of(grads), units, t)
+        assert_all_close(grads, want)
+
+
+def test_renorm_l2_per_layer_and_param_type():
+    for units in (UNITS, torch.arange(5)):
+        grads = make_grads()
+        want = ref_per_unit(grads, units, None, renorm=True)
+        clipping.renorm_l2_per_unit_(grads, norms_of(grads), units)
+        assert_all_close(grads, want)
+
+
+def test_renorm_leaves_zero_gradients_zero():
+    grads = [torch.zeros(3), torch.ones(2)]
+    clipping.renorm_l2_per_unit_(grads, norms_of(grads), torch.arange(2))
+    assert torch.equal(grads[0], torch.zeros(3))
+
+
+def test_clip_value():
+    grads = make_grads()
+    want = [g.clamp(-1.5, 1.5) for g in grads]
+    clipping.clip_value_(grads, 1.5)
+    assert_all_close(grads, want)
+
+
+def reference_zclip(norms, z_t=2.5, alpha=0.97, warmup=25):
+    """ZClip on a sequence of global norms, in plain Python; returns the clipped norms."""
+    out, mean, var, warm = [], None, None, []
+    for g in norms:
+        if mean is None:
+            warm.append(g)
+            out.append(g)
+            if len(warm) == warmup:
+                mean = sum(warm) / warmup
+                var = sum((x - mean) ** 2 for x in warm) / warmup
+            continue
+        std = math.sqrt(var)
+        z = (g - mean) / std
+        clipped = mean + (z_t * z_t / z) * std if z > z_t else g
+        out.append(clipped)
+        mean = alpha * mean + (1 - alpha) * clipped
+        var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
+    return out
+
+
+def test_adaptive_matches_reference_zclip():
+    gen = torch.Generator().manual_seed(0)
+    clip = clipping.ZClip()
+    sequence = [1.0 + 0.1 * torch.randn((), generator=gen).item() for _ in range(60)]
+    sequence[40] = 50.0  # a spike
+    got = []
+    for target in sequence:
+        g = [torch.full((4,), target / 2.0)]  # a tensor whose norm is `target`
+        clip(g, norms_of(g))
+        got.append(g[0].norm().item())
+    want = reference_zclip(sequence)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got[40] < 2.0  # the spike was clipped near the running mean
+
+
+def test_auto_threshold_follows_recent_healthy_norms():
+    remedy = Remediation(Bounds())
+    with pytest.raises(Exception, match="healthy sampled steps"):
+        remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
+    for norm in [1.0, 2.0, 3.0, 4.0, 100.0]:
+        remedy.observe_healthy(norm, norm / 2, norm / 10)
+    remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
+    assert remedy.clip_threshold == pytest.approx(2 * 3.0)  # 2 x median, the outlier ignored
+    remedy.apply(EnableClipping(mode="global_norm", threshold=100.0))
+    assert remedy.clip_threshold == pytest.approx(6.0)  # enabling again never loosens
+    remedy.apply(EnableClipping(mode="clip_value", threshold="auto"))
+    assert remedy.clip_threshold == pytest.approx(2 * 0.3)
