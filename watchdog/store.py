@@ -74,7 +74,21 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1]
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """CREATE TABLE commands (
+            id TEXT PRIMARY KEY, run TEXT NOT NULL, seq INTEGER NOT NULL,
+            action TEXT NOT NULL, rule TEXT, fingerprint TEXT,
+            issued_at REAL NOT NULL, expires_at REAL NOT NULL,
+            signed TEXT NOT NULL,       -- the SignedCommand as JSON, served to the agent as is
+            delivered_at REAL,          -- first time an agent's poll returned it
+            ack TEXT,                   -- rank 0's Ack as JSON
+            UNIQUE (run, seq))"""
+    )
+    conn.execute("CREATE INDEX commands_rule ON commands (run, rule, issued_at)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1, _schema_v2]
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -399,6 +413,89 @@ class Store:
         """Forget deliveries sent before ``before`` (older than any repeat interval in use)."""
         with self.transaction():
             return self._conn.execute("DELETE FROM deliveries WHERE sent_at < ?", (before,)).rowcount
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    id: str
+    run: str
+    seq: int
+    action: str
+    rule: str | None
+    fingerprint: str | None
+    issued_at: float
+    expires_at: float
+    signed: str
+    delivered_at: float | None
+    ack: dict[str, Any] | None
+
+
+def _command(row: sqlite3.Row) -> CommandRecord:
+    data = dict(row)
+    data["ack"] = json.loads(data["ack"]) if data["ack"] else None
+    return CommandRecord(**data)
+
+
+class CommandTable:
+    """Commands issued to runs: numbered per run, polled by agents, closed by acknowledgements."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def next_seq(self, run: str) -> int:
+        rows = self.store._query("SELECT COALESCE(MAX(seq), 0) AS seq FROM commands WHERE run=?", [run])
+        return rows[0]["seq"] + 1
+
+    def add(self, record: CommandRecord) -> None:
+        with self.store.transaction():
+            self.store._conn.execute(
+                """INSERT INTO commands (id, run, seq, action, rule, fingerprint, issued_at, expires_at, signed)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (record.id, record.run, record.seq, record.action, record.rule, record.fingerprint,
+                 record.issued_at, record.expires_at, record.signed),
+            )
+
+    def after(self, run: str, seq: int, now: float) -> list[CommandRecord]:
+        """Unexpired commands of ``run`` numbered above ``seq``, oldest first."""
+        rows = self.store._query(
+            "SELECT * FROM commands WHERE run=? AND seq>? AND expires_at>=? ORDER BY seq", [run, seq, now]
+        )
+        return [_command(r) for r in rows]
+
+    def mark_delivered(self, ids: Iterable[str], now: float) -> list[str]:
+        """Set delivered_at on first delivery; returns the ids delivered for the first time."""
+        first = []
+        with self.store.transaction():
+            for command_id in ids:
+                cur = self.store._conn.execute(
+                    "UPDATE commands SET delivered_at=? WHERE id=? AND delivered_at IS NULL", (now, command_id)
+                )
+                if cur.rowcount:
+                    first.append(command_id)
+        return first
+
+    def record_ack(self, command_id: str, ack_json: str) -> bool:
+        """Store rank 0's acknowledgement; False for an unknown id or one already acknowledged."""
+        with self.store.transaction():
+            cur = self.store._conn.execute(
+                "UPDATE commands SET ack=? WHERE id=? AND ack IS NULL", (ack_json, command_id)
+            )
+            return bool(cur.rowcount)
+
+    def get(self, command_id: str) -> CommandRecord | None:
+        rows = self.store._query("SELECT * FROM commands WHERE id=?", [command_id])
+        return _command(rows[0]) if rows else None
+
+    def list(self, *, run: str | None = None, rule: str | None = None, since: float | None = None,
+             limit: int = 100) -> list[CommandRecord]:
+        where, params = _where(run=run, rule=rule)
+        if since is not None:
+            where.append("issued_at >= ?")
+            params.append(since)
+        rows = self.store._query(
+            f"SELECT * FROM commands {_and(where)} ORDER BY issued_at DESC, seq DESC LIMIT ?", [*params, _limit(limit)]
+        )
+        return [_command(r) for r in rows]
 
 
 def _where(**equal: Any) -> tuple[list[str], list[Any]]:

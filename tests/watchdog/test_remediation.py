@@ -1,0 +1,122 @@
+"""Policies → commands: escalation while a condition holds, watchdog-side bounds, acks, Alertmanager."""
+
+import pytest
+
+from gradwatch.watchdog.alert import Alert, AlertState
+from gradwatch.watchdog.commands import CommandLimits, CommandRefused, CommandService
+from gradwatch.watchdog.remediation import Remediator, from_alertmanager
+from gradwatch.watchdog.rules.policy import PolicyStep
+from gradwatch.watchdog.schema import Ack, LowerLR, SignedCommand
+from gradwatch.watchdog.store import Store
+
+SECRET = b"s3cret"
+STEPS = [
+    PolicyStep.model_validate({"action": "enable_clipping", "mode": "global_norm", "threshold": "auto"}),
+    PolicyStep.model_validate({"action": "lower_lr", "factor": 0.5, "after": "10s", "repeat": "30s"}),
+]
+
+
+@pytest.fixture
+def commands(tmp_path):
+    store = Store(tmp_path / "w.db")
+    yield CommandService(store, SECRET, CommandLimits(max_per_run=10, cooldown_s=5))
+    store.close()
+
+
+def firing(rule="GradNormSpike", run="r1", fired_at=100.0, holding=True):
+    return Alert(
+        rule=rule, labels=(("alertname", rule), ("rank", "0"), ("run", run)), state=AlertState.FIRING,
+        active_at=fired_at, fired_at=fired_at, keep_firing_since=None if holding else fired_at + 1,
+    )
+
+
+def actions(records):
+    return [r.action for r in records]
+
+
+def test_escalation_follows_the_steps_while_the_condition_holds(commands):
+    remediator = Remediator(commands, lambda: {"GradNormSpike": STEPS})
+    alert = firing()
+    assert actions(remediator.decide([alert], 100.0)) == ["enable_clipping"]
+    assert remediator.decide([alert], 105.0) == []  # lower_lr only 10 s after clipping
+    assert actions(remediator.decide([alert], 110.0)) == ["lower_lr"]
+    assert remediator.decide([alert], 120.0) == []
+    assert actions(remediator.decide([alert], 140.0)) == ["lower_lr"]  # repeats every 30 s
+    quiet = firing(holding=False)  # kept firing by keep_firing_for, condition gone: no escalation
+    assert remediator.decide([quiet], 200.0) == []
+    kinds = [e.kind for e in commands.store.audit(run="r1")]
+    assert kinds.count("command.decided") == 3
+
+
+def test_a_new_episode_starts_from_the_first_step(commands):
+    remediator = Remediator(commands, lambda: {"GradNormSpike": STEPS})
+    remediator.decide([firing(fired_at=100.0)], 100.0)
+    assert actions(remediator.decide([firing(fired_at=500.0)], 500.0)) == ["enable_clipping"]
+
+
+def test_rules_without_policy_and_pending_alerts_issue_nothing(commands):
+    remediator = Remediator(commands, lambda: {"GradNormSpike": STEPS})
+    pending = firing()
+    pending.state = AlertState.PENDING
+    assert remediator.decide([firing(rule="VanishingGradients"), pending], 100.0) == []
+
+
+def test_watchdog_bounds_cap_and_cooldown(commands):
+    commands.limits = CommandLimits(max_per_run=2, cooldown_s=30)
+    commands.issue("r1", LowerLR(), reason="t", now=0.0)
+    with pytest.raises(CommandRefused, match="cooldown"):
+        commands.issue("r1", LowerLR(), reason="t", now=10.0)
+    commands.issue("r1", LowerLR(), reason="t", now=40.0)
+    with pytest.raises(CommandRefused, match="max 2"):
+        commands.issue("r1", LowerLR(), reason="t", now=80.0)
+    commands.issue("r1", LowerLR(), reason="operator", bounded=False, now=80.0)  # manual commands skip the bounds
+
+
+def test_suppressed_decisions_are_audited_once(commands):
+    commands.limits = CommandLimits(max_per_run=1)
+    commands.issue("r1", LowerLR(), reason="t", now=99.0)
+    remediator = Remediator(commands, lambda: {"GradNormSpike": STEPS})
+    for now in (100.0, 102.0, 104.0):
+        assert remediator.decide([firing()], now) == []
+    assert [e.kind for e in commands.store.audit(run="r1")].count("command.suppressed") == 1
+
+
+def test_no_secret_means_notify_only(tmp_path):
+    with Store(tmp_path / "w.db") as store:
+        service = CommandService(store, None)
+        assert Remediator(service, lambda: {"GradNormSpike": STEPS}).decide([firing()], 100.0) == []
+        with pytest.raises(CommandRefused, match="GRADWATCH_SECRET"):
+            service.issue("r1", LowerLR(), reason="t")
+
+
+def test_poll_serves_signed_commands_once_delivered_and_records_acks(commands):
+    first = commands.issue("r1", LowerLR(factor=0.25), reason="t", now=0.0)
+    commands.issue("r2", LowerLR(), reason="t", now=0.0)
+    batch = commands.poll("r1", 0, after=0, now=1.0)
+    assert [c.command.id for c in batch.commands] == [first.id]
+    assert batch.commands[0].verify(SECRET) and batch.commands[0].command.spec.factor == 0.25
+    assert commands.poll("r1", 0, after=first.seq, now=2.0).commands == []
+    assert commands.poll("r1", 0, after=0, now=1e9).commands == []  # expired
+    ack = Ack(command_id=first.id, run="r1", rank=0, status="applied", step=42, at=3.0, lr_scale=0.25)
+    assert commands.acknowledge("r1", [ack, ack], now=3.0) == 1
+    assert commands.table.get(first.id).ack["step"] == 42
+    kinds = [e.kind for e in commands.store.audit(run="r1")]
+    assert kinds == ["command.decided", "command.delivered", "command.acked", "command.acked"]
+
+
+def test_alertmanager_alerts_map_to_commands_once_per_episode(commands):
+    payload = {
+        "version": "4", "status": "firing", "receiver": "gradwatch",
+        "alerts": [
+            {"status": "firing", "fingerprint": "abc", "startsAt": "2026-11-21T10:00:00Z",
+             "labels": {"alertname": "GradNormSpike", "run": "r1", "gradwatch_action": "enable_clipping",
+                        "gradwatch_mode": "clip_value", "gradwatch_threshold": "0.5"}},
+            {"status": "firing", "fingerprint": "def", "labels": {"alertname": "Other", "run": "r1"}},
+            {"status": "firing", "fingerprint": "ghi", "labels": {"alertname": "Bad", "run": "r1", "gradwatch_action": "fly"}},
+        ],
+    }
+    results = [o["result"] for o in from_alertmanager(payload, commands, now=10.0)]
+    assert results == ["issued", "ignored", "refused"]
+    signed = SignedCommand.model_validate_json(commands.table.list(run="r1")[0].signed)
+    assert signed.command.spec.mode == "clip_value" and signed.command.spec.threshold == 0.5
+    assert [o["result"] for o in from_alertmanager(payload, commands, now=20.0)][0] == "duplicate"

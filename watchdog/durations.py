@@ -1,0 +1,47 @@
+"""Durations as Prometheus writes them (``30s``, ``5m``, ``1h30m``, ``500ms``, ``0``), held as seconds.
+
+One parser for every duration in the watchdog's files (rules, policies, notifiers).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, PlainSerializer
+from pydantic_core import PydanticCustomError
+
+_DURATION = re.compile(r"(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?")
+_UNITS = (
+    ("y", 365 * 86400.0), ("w", 7 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001),
+)
+
+
+def parse_duration(value: Any) -> float:
+    """A Prometheus duration (``1h30m``, ``2s``, ``500ms``, ``0``) in seconds."""
+    if (value == 0 and not isinstance(value, bool)) or value == "0":
+        return 0.0
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value.strip())
+        if m and value.strip() and any(m.groups()):
+            return sum(int(g) * unit for g, (_, unit) in zip(m.groups(), _UNITS) if g)
+    hint = " (a bare number needs a unit)" if isinstance(value, int | float) and not isinstance(value, bool) else ""
+    raise PydanticCustomError("duration", f"invalid duration {value!r}{hint}: use a Prometheus duration like 30s, 5m, 1h30m or 0")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the shortest Prometheus duration (``5400.0`` → ``1h30m``; ``0`` → ``0s``)."""
+    ms = round(seconds * 1000)
+    if ms == 0:
+        return "0s"
+    out = []
+    for unit, size in _UNITS:
+        n, ms = divmod(ms, round(size * 1000))
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
