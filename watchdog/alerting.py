@@ -11,7 +11,9 @@ Copied from prometheus ``rules/alerting.go`` (``AlertingRule.Eval``, ``needsSend
   (15 min, as Prometheus) so its resolution can be sent, then dropped;
 * if the condition returns for a resolved alert, a new PENDING alert starts over;
 * more than ``limit`` active (pending + firing) alerts makes the evaluation fail and
-  forgets every alert of the rule, as Prometheus's rule-group ``limit`` does.
+  forgets every alert of the rule, as Prometheus's rule-group ``limit`` does;
+* a firing alert restored after a restart with ``hold_s`` is not resolved for that long
+  after the first evaluation unless its condition was seen again (see :meth:`AlertingRule.restore`).
 
 What to send is decided apart from state by :func:`needs_sending`. Annotations are
 expanded with a small subset of Prometheus's Go templates (:func:`compile_template`).
@@ -105,6 +107,8 @@ class AlertingRule:
         self.resolved_retention_s = resolved_retention_s
         self._templates = {k: compile_template(v) for k, v in (annotations or {}).items()}
         self._active: dict[Labels, Alert] = {}
+        self._hold_s: dict[Labels, float] = {}  # restored firing alerts → hold, until the first eval
+        self._hold_until: dict[Labels, float] = {}  # ... → end of the hold, from the first eval on
 
     def eval(self, now: float, matches: Iterable[Match]) -> Changes:
         """Advance every alert of this rule to ``now`` given the condition's ``matches``.
@@ -126,6 +130,10 @@ class AlertingRule:
                 active_at=now,
             )
 
+        for key, hold_s in self._hold_s.items():
+            self._hold_until[key] = now + hold_s
+        self._hold_s.clear()
+
         changed: dict[Labels, None] = {}  # ordered set of keys whose state moved
         for key, new in results.items():
             old = self._active.get(key)
@@ -144,6 +152,8 @@ class AlertingRule:
                     if a.keep_firing_since is None:
                         a.keep_firing_since = now
                     keep_firing = now - a.keep_firing_since < self.keep_firing_for_s
+                if a.state == AlertState.FIRING and now < self._hold_until.get(key, -math.inf):
+                    keep_firing = True  # restored, and the samples to decide otherwise are not back yet
                 if a.state == AlertState.PENDING or (
                     a.resolved_at is not None and now - a.resolved_at > self.resolved_retention_s
                 ):
@@ -153,10 +163,12 @@ class AlertingRule:
                 if a.state != AlertState.INACTIVE and not keep_firing:
                     a.state, a.resolved_at = AlertState.INACTIVE, now
                     changed[key] = None
+                    self._hold_until.pop(key, None)
                 if not keep_firing:
                     continue
             else:
                 a.keep_firing_since = None
+                self._hold_until.pop(key, None)  # seen again: ordinary rules from now on
             active += 1
             if a.state == AlertState.PENDING and now - a.active_at >= self.for_s:
                 a.state, a.fired_at = AlertState.FIRING, now
@@ -165,6 +177,7 @@ class AlertingRule:
         if self.limit > 0 and active > self.limit:
             forgotten = [_copy(a) for a in self._active.values()]
             self._active.clear()
+            self._hold_until.clear()
             raise AlertLimitExceeded(self.name, self.limit, active, forgotten)
         return Changes([_copy(self._active[k]) for k in changed if k in self._active], dropped)
 
@@ -188,13 +201,20 @@ class AlertingRule:
                 out.append(_copy(a))
         return out
 
-    def restore(self, alerts: Iterable[Alert]) -> int:
+    def restore(self, alerts: Iterable[Alert], hold_s: float = 0.0) -> int:
         """Take back alerts saved by :meth:`alerts` (e.g. before a restart); returns how many.
 
         Alerts of other rules, and inactive ones that were never resolved, are ignored.
         Restored alerts keep their state and times: a firing alert stays firing and
         resolves normally if its condition no longer holds (unlike Prometheus, no
         ``for_grace_period`` is applied to pending alerts after a long downtime).
+
+        ``hold_s``: how long, from the first evaluation, a restored firing alert is kept
+        firing while its condition does not match. Prometheus reads its history back from
+        its TSDB after a restart; a watchdog starts with empty sample windows, so a rule
+        over a window (a counter's increase, a spike against its mean, a stall) cannot
+        match until the window has refilled — without the hold, the alert would resolve
+        and fire again, notifying twice. Seeing the condition again ends the hold.
         """
         n = 0
         for a in alerts:
@@ -203,12 +223,15 @@ class AlertingRule:
             a = _copy(a)
             a.labels = build_labels(dict(a.labels))  # records read back from storage may hold lists
             self._active[a.labels] = a
+            if a.state == AlertState.FIRING and hold_s > 0:
+                self._hold_s[a.labels] = hold_s
             n += 1
         return n
 
     def adopt(self, other: AlertingRule) -> None:
         """Take over ``other``'s alerts: a reloaded rule with the same name and labels (Prometheus ``CopyState``)."""
         self._active = other._active
+        self._hold_s, self._hold_until = other._hold_s, other._hold_until
 
 
 # --- annotation templates ------------------------------------------------------------

@@ -1,5 +1,13 @@
 """The ``gradwatch`` command line. Each subcommand imports what it needs when it runs,
-so ``gradwatch rules check`` stays fast and the service never imports torch."""
+so ``gradwatch --help`` and ``gradwatch rules check`` stay fast and the service never
+imports torch.
+
+    gradwatch serve [--config FILE] [--host H] [--port N] [--db PATH] [--prometheus-url URL] [--scrape-interval S]
+    gradwatch rules check FILE...
+
+Exit codes: 0 fine; 1 ``rules check`` found problems, or the port could not be bound;
+2 ``serve`` refused to start (bad setting, bad config file, unusable store).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,83 @@ import argparse
 import sys
 from importlib.metadata import version
 
+EXIT_FAILURE = 1  # `rules check` found problems; `serve` could not bind its port
+EXIT_REFUSED = 2  # `serve` refused to start: a bad setting, config file or store
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradwatch", description="Watch the gradients of PyTorch trainings.")
     parser.add_argument("--version", action="version", version=f"gradwatch {version('gradwatch')}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the watchdog service",
+        description="Run the watchdog: scrape registered agents (or query Prometheus), evaluate the rules, "
+        "notify, and serve the HTTP API. Every option can also come from a GRADWATCH_* environment "
+        "variable (e.g. GRADWATCH_PORT); options win. SIGHUP reloads the config file.",
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="YAML config with rules and notifiers (default: built-in rule pack, no notifiers)"
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 9400; 0: any free port)")
+    serve.add_argument("--db", metavar="PATH", help="SQLite state file (default ./gradwatch.db)")
+    serve.add_argument("--prometheus-url", metavar="URL", help="query this Prometheus instead of scraping agents directly")
+    serve.add_argument("--scrape-interval", metavar="SECONDS", help="seconds between rounds, e.g. 2 or 500ms (default 2)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
+    serve.set_defaults(handler=_serve)
+
+    rules = commands.add_parser("rules", help="work with rule files")
+    rules_commands = rules.add_subparsers(dest="rules_command", metavar="COMMAND", required=True)
+    check = rules_commands.add_parser(
+        "check",
+        help="validate rules or config files",
+        description="Validate each file as `serve --config` would (rules, and notifiers if any). Prints "
+        "FILE: ok (N rules), or FILE:LINE: location: reason for each problem; exits 1 on any problem.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(handler=_rules_check)
     return parser
+
+
+def format_problem(source: str, problem) -> str:
+    """``FILE:LINE: location: reason`` (compilers' format, so editors can jump to it)."""
+    where = f"{source}:{problem.line}" if problem.line else source
+    return f"{where}: {problem.location}: {problem.reason}"
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    from gradwatch.watchdog.config_file import ConfigError, load_config
+
+    status = 0
+    for path in args.files:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            status = EXIT_FAILURE
+            for problem in exc.problems:
+                print(format_problem(path, problem))
+            continue
+        n = len(config.notifiers)
+        notifiers = f", {n} notifier{'' if n == 1 else 's'}" if n else ""
+        print(f"{path}: ok ({len(config.rules)} rules{notifiers})")
+    return status
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gradwatch.watchdog.serve import serve
+
+    overrides = {
+        "config": args.config,
+        "host": args.host,
+        "port": args.port,
+        "db": args.db,
+        "prometheus_url": args.prometheus_url,
+        "scrape_interval": args.scrape_interval,
+        "log_level": args.log_level,
+    }
+    return serve({k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from gradwatch.watchdog.alerting import (
     Changes,
 )
 from gradwatch.watchdog.rules.conditions import evaluate
+from gradwatch.watchdog.rules.conditions import history_needed as rule_history
 from gradwatch.watchdog.rules.models import Rule
 from gradwatch.watchdog.samples import SampleStore
 
@@ -148,6 +149,19 @@ class RuleEngine:
             self._retire(prev.alerting)
         self._entries = entries
 
+    def history_needed(self) -> dict[str, float]:
+        """Each metric the loaded rules read → seconds of history the longest reader needs.
+
+        For :meth:`SampleStore.set_retention`, after start-up and after every
+        :meth:`replace_rules`: metrics missing here are read by no rule, so the store
+        can keep just their current value.
+        """
+        need: dict[str, float] = {}
+        for entry in self._entries.values():
+            for metric, seconds in rule_history(entry.rule).items():
+                need[metric] = max(need.get(metric, 0.0), seconds)
+        return need
+
     def alerts(self) -> list[Alert]:
         """Copies of every alert held: pending, firing, and resolved ones within retention."""
         out = [a for e in self._entries.values() for a in e.alerting.alerts()]
@@ -161,6 +175,8 @@ class RuleEngine:
     def restore(self, alerts: Iterable[Alert]) -> int:
         """Take back saved alerts (after a restart); returns how many were restored.
 
+        A restored firing alert stays firing until its rule's window has refilled with
+        fresh samples (:func:`restore_hold_s`) unless its condition is seen again first.
         Alerts of rules no longer loaded are held as retired, so they resolve at the next
         evaluation and their resolution is sent.
         """
@@ -171,7 +187,7 @@ class RuleEngine:
         for name, group in by_rule.items():
             entry = self._entries.get(name)
             if entry is not None:
-                n += entry.alerting.restore(group)
+                n += entry.alerting.restore(group, hold_s=restore_hold_s(entry.rule))
             else:
                 holder = AlertingRule(name, resolved_retention_s=self._retention_s)
                 n += holder.restore(group)
@@ -189,6 +205,13 @@ class RuleEngine:
         holder.keep_firing_for_s = 0.0  # a rule that is gone cannot keep anything firing
         if holder.alerts():
             self._retired.append(holder)
+
+
+def restore_hold_s(rule: Rule) -> float:
+    """How long after a restart a firing alert of ``rule`` may go unconfirmed: the window its
+    condition reads (counter increase, spike, plateau, stall); 0 for kinds that read only
+    current values, which the first scrape brings back."""
+    return float(getattr(rule, "window", 0.0))
 
 
 def build_alerting_rule(rule: Rule, *, resolved_retention_s: float = RESOLVED_RETENTION_S) -> AlertingRule:

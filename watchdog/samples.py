@@ -4,16 +4,25 @@ A series is a metric name plus its label set. Each keeps a bounded window of
 ``(timestamp_s, value)`` points, oldest first, pruned by age and by count, so a
 fleet of runs cannot grow the watchdog's memory without bound. Values are floats
 and may be NaN or ±Inf: rules must see them as they were scraped.
+
+How much history a series keeps is set per metric name, from what the rules read
+(:meth:`SampleStore.set_retention` with
+:meth:`~gradwatch.watchdog.engine.RuleEngine.history_needed`): 100 runs of a
+400-tensor model are 320k series, and most of them are only ever read at their
+latest point.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 Labels = tuple[tuple[str, str], ...]
 """A label set as sorted ``(name, value)`` pairs: hashable, order-independent."""
+
+Point = tuple[float, float]
 
 LOOKBACK_S = 300.0
 """How old a point may be and still count as a series' current value (Prometheus's default lookback delta)."""
@@ -23,11 +32,13 @@ def build_labels(labels: Mapping[str, str]) -> Labels:
     return tuple(sorted(labels.items()))
 
 
-@dataclass
+@dataclass(slots=True)
 class Series:
     name: str
     labels: Labels
-    points: deque[tuple[float, float]] = field(default_factory=deque)
+    points: list[Point] = field(default_factory=list)
+    """Oldest first, timestamps strictly increasing. A list, not a deque: most series hold
+    a point or two, and a list of two costs a tenth of an empty deque."""
 
     def label(self, key: str, default: str = "") -> str:
         for k, v in self.labels:
@@ -35,52 +46,134 @@ class Series:
                 return v
         return default
 
-    def latest(self, now: float, lookback_s: float = LOOKBACK_S) -> tuple[float, float] | None:
-        """The newest point if it is at most ``lookback_s`` old at ``now``, else None."""
-        if not self.points:
-            return None
-        t, v = self.points[-1]
-        return (t, v) if now - lookback_s < t <= now else None
+    def latest(self, now: float, lookback_s: float = LOOKBACK_S) -> Point | None:
+        """The newest point at or before ``now`` if at most ``lookback_s`` old, else None.
 
-    def window(self, now: float, range_s: float) -> list[tuple[float, float]]:
-        """Points with ``now - range_s < t <= now`` (PromQL range-selector semantics)."""
-        start = now - range_s
-        return [(t, v) for t, v in self.points if start < t <= now]
+        PromQL's instant selector evaluated at ``now`` (``now`` may lie in the past, as
+        for ``x offset 10m``).
+        """
+        pts = self.points
+        if not pts:
+            return None
+        p = pts[-1]
+        if p[0] > now:
+            i = _after(pts, now)
+            if i == 0:
+                return None
+            p = pts[i - 1]
+        return p if p[0] > now - lookback_s else None
+
+    def window(self, now: float, range_s: float) -> list[Point]:
+        """Points with ``now - range_s < t <= now``, oldest first (PromQL range-selector semantics).
+
+        Costs the length of the window, not of the history kept: both edges are found
+        by bisection.
+        """
+        pts = self.points
+        if not pts:
+            return []
+        end = len(pts) if pts[-1][0] <= now else _after(pts, now)
+        start = 0 if pts[0][0] > now - range_s else _after(pts, now - range_s, hi=end)
+        return pts[start:end]
+
+
+def _after(pts: list[Point], t: float, hi: int | None = None) -> int:
+    """Index of the first point later than ``t`` (timestamps are strictly increasing)."""
+    return bisect_right(pts, t, 0, len(pts) if hi is None else hi, key=_time)
+
+
+_time = itemgetter(0)
+
+
+class _Family:
+    """The series of one metric name and how long they keep their points."""
+
+    __slots__ = ("series", "keep_s")
+
+    def __init__(self, keep_s: float) -> None:
+        self.series: dict[Labels, Series] = {}
+        self.keep_s = keep_s
 
 
 class SampleStore:
-    """Bounded windows of every series, keyed by metric name, then label set."""
+    """Bounded windows of every series, keyed by metric name, then label set.
+
+    Every series keeps its points for ``max_age_s`` (and at most ``max_points``) until
+    :meth:`set_retention` says how long each metric must be kept.
+    """
 
     def __init__(self, max_age_s: float = 3600.0, max_points: int = 2048) -> None:
         self.max_age_s = max_age_s
         self.max_points = max_points
-        self._by_name: dict[str, dict[Labels, Series]] = {}
+        self._retention: dict[str, float] = {}
+        self._default_retention_s = max_age_s
+        self._families: dict[str, _Family] = {}
+
+    def set_retention(self, history_s: Mapping[str, float], default_s: float = 0.0) -> None:
+        """Keep each metric in ``history_s`` for that many seconds, every other for ``default_s``.
+
+        A series keeps the points at most that much older than its newest point, and
+        always its newest point: ``0`` keeps just the current value. Retention is capped
+        at ``max_age_s`` and ``max_points``. Shortening it takes effect for each series
+        at its next point; lengthening it cannot bring back what was already dropped.
+        Call again after every rules reload.
+        """
+        if default_s < 0 or any(s < 0 for s in history_s.values()):
+            raise ValueError("retention must be >= 0 seconds")
+        self._retention = {name: min(s, self.max_age_s) for name, s in history_s.items()}
+        self._default_retention_s = min(default_s, self.max_age_s)
+        for name, family in self._families.items():
+            family.keep_s = self.retention_s(name)
+
+    def retention_s(self, name: str) -> float:
+        """How many seconds of history series of metric ``name`` keep behind their newest point."""
+        return self._retention.get(name, self._default_retention_s)
 
     def add(self, t: float, name: str, labels: Labels, value: float) -> None:
         """Append one point; ``labels`` must come from :func:`build_labels`. Older-or-equal timestamps are ignored."""
-        family = self._by_name.setdefault(name, {})
-        series = family.get(labels)
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = _Family(self.retention_s(name))
+        series = family.series.get(labels)
         if series is None:
-            series = family[labels] = Series(name, labels, deque(maxlen=self.max_points))
-        elif series.points and t <= series.points[-1][0]:
-            return
-        series.points.append((t, value))
-        horizon = t - self.max_age_s
-        while series.points[0][0] < horizon:
-            series.points.popleft()
+            series = family.series[labels] = Series(name, labels)
+        else:
+            last_t, last_v = series.points[-1]  # a stored series always holds its newest point
+            if t <= last_t:
+                return
+            if value and value == last_v:
+                # Counters and constants repeat their value: share one float object, 24 bytes
+                # less per point. Zero is skipped (0.0 == -0.0) and NaN never equals itself,
+                # so every point still reads back exactly as scraped.
+                value = last_v
+        points = series.points
+        points.append((t, value))
+        horizon = t - family.keep_s
+        if points[0][0] < horizon:  # usually one point aged out: a short memmove
+            del points[: bisect_left(points, horizon, key=_time)]
+        if len(points) > self.max_points:
+            del points[: len(points) - self.max_points]
 
     def select(self, name: str, match: Mapping[str, str] | None = None) -> Iterator[Series]:
         """Every series of ``name`` whose labels include all of ``match`` (exact equality)."""
-        for series in self._by_name.get(name, {}).values():
+        family = self._families.get(name)
+        if family is None:
+            return
+        for series in family.series.values():
             if match and any(series.label(k, None) != v for k, v in match.items()):  # type: ignore[arg-type]
                 continue
             yield series
 
     def drop_older_than(self, t: float) -> None:
         """Forget series whose newest point is older than ``t`` (runs long gone)."""
-        for family in self._by_name.values():
-            for key in [k for k, s in family.items() if not s.points or s.points[-1][0] < t]:
-                del family[key]
+        for family in self._families.values():
+            series = family.series
+            for key in [k for k, s in series.items() if not s.points or s.points[-1][0] < t]:
+                del series[key]
 
     def series_count(self) -> int:
-        return sum(len(f) for f in self._by_name.values())
+        return sum(len(f.series) for f in self._families.values())
+
+    def point_count(self) -> int:
+        """Points held over every series (what the store's memory grows with)."""
+        return sum(len(s.points) for f in self._families.values() for s in f.series.values())

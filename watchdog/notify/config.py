@@ -187,6 +187,12 @@ class SlackConfig(_NotifierBase):
 
 
 NotifierConfig = Annotated[Union[AlertmanagerConfig, WebhookConfig, SlackConfig], Field(discriminator="type")]
+NOTIFIER_MODELS: dict[str, type[_NotifierBase]] = {
+    "alertmanager": AlertmanagerConfig,
+    "webhook": WebhookConfig,
+    "slack": SlackConfig,
+}
+"""Each ``type`` and its model (for messages such as the keys a type allows)."""
 
 
 def _unique_names(configs: list[NotifierConfig]) -> list[NotifierConfig]:

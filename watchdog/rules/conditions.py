@@ -10,8 +10,10 @@ depth and plateau can be exported as an equal Prometheus rule:
 * NaN compares false, so a NaN value never matches a threshold, band or spike —
   the nonfinite rule is what catches NaN and Inf.
 
-Every pass is one scan over the series of each metric the rule reads; windows are
-read from the newest point backwards, so a long history costs nothing per eval.
+Every pass is one scan over the series of each metric the rule reads; a window
+costs its own points, not the history kept (see :meth:`Series.window`).
+:func:`history_needed` says how far back each kind reads, so the store can keep
+just that much (:meth:`SampleStore.set_retention`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from gradwatch.watchdog.rules.models import (
     StallRule,
     ThresholdRule,
 )
-from gradwatch.watchdog.samples import LOOKBACK_S, Labels, SampleStore, Series, build_labels
-
-Point = tuple[float, float]
+from gradwatch.watchdog.samples import LOOKBACK_S, Labels, Point, SampleStore, Series, build_labels
 
 
 class Match(NamedTuple):
@@ -49,6 +49,47 @@ def evaluate(rule: Rule, store: SampleStore, now: float) -> list[Match]:
     return CONDITIONS[rule.kind](rule, store, now)
 
 
+def history_needed(rule: Rule) -> dict[str, float]:
+    """Each metric ``rule`` reads → seconds of history it needs behind the series' newest point.
+
+    0: only the current value (the newest point, which the store always keeps).
+    ``w``: a range ``[w]``. ``w + LOOKBACK_S``: an instant read at ``now - w`` (``offset w``),
+    which takes the newest point up to 5 min before that. ``for`` needs no samples: the
+    alert's state machine remembers how long the condition has held. Keep in step with
+    the kinds below: a read missing here silently shortens a window.
+    """
+    need: dict[str, float] = {}
+
+    def reads(metric: str | None, seconds: float) -> None:
+        if metric is not None:
+            need[metric] = max(need.get(metric, 0.0), seconds)
+
+    match rule:
+        case ThresholdRule() | BandRule():
+            reads(rule.metric, 0.0)
+        case NonFiniteRule():
+            # counters: increase over [window]; "born since" reads them (and the anchor) at now - window
+            at_offset = rule.window + LOOKBACK_S if rule.anchor is not None else rule.window
+            for sel in rule.counters:
+                reads(sel.metric, at_offset)
+            for sel in rule.gauges:
+                reads(sel.metric, 0.0)
+            reads(rule.anchor, rule.window + LOOKBACK_S)
+        case SpikeRule():
+            reads(rule.metric, rule.window)
+        case DepthRule():
+            reads(rule.metric, 0.0)
+            reads(rule.depth_metric, 0.0)
+        case PlateauRule():
+            reads(rule.metric, rule.window)
+            reads(rule.ratio_metric, 0.0)
+        case StallRule():
+            reads(rule.metric, rule.window + LOOKBACK_S)  # [window] and "already there" at now - window
+        case _:
+            raise TypeError(f"no history known for rule kind {rule.kind!r}")
+    return need
+
+
 # --- helpers ---------------------------------------------------------------------------
 
 
@@ -58,27 +99,6 @@ def alert_labels(rule: Rule, labels: Iterable[tuple[str, str]]) -> Labels:
     out.update(rule.labels)
     out["alertname"] = rule.name
     return build_labels(out)
-
-
-def _at(series: Series, t: float) -> Point | None:
-    """The newest point at or before ``t``, if at most 5 min older (PromQL instant selector at ``t``)."""
-    for p in reversed(series.points):
-        if p[0] <= t:
-            return p if p[0] > t - LOOKBACK_S else None
-    return None
-
-
-def _tail(series: Series, now: float, range_s: float) -> list[Point]:
-    """Points in ``(now - range_s, now]``, oldest first, read from the newest end (PromQL range selector)."""
-    start = now - range_s
-    out = []
-    for p in reversed(series.points):
-        if p[0] <= start:
-            break
-        if p[0] <= now:
-            out.append(p)
-    out.reverse()
-    return out
 
 
 def _log10(v: float) -> float:
@@ -150,7 +170,7 @@ def threshold(rule: ThresholdRule, store: SampleStore, now: float) -> list[Match
     out = []
     above = rule.op == "above"
     for s in store.select(rule.metric, rule.match):
-        p = _at(s, now)
+        p = s.latest(now)
         if p is not None and (p[1] > rule.value if above else p[1] < rule.value):
             out.append(Match(alert_labels(rule, s.labels), p[1]))
     return out
@@ -171,7 +191,7 @@ def nonfinite(rule: NonFiniteRule, store: SampleStore, now: float) -> list[Match
             anchors = {
                 (a.label("run"), a.label("rank"))
                 for a in store.select(rule.anchor, rule.match)  # type: ignore[arg-type]
-                if _at(a, now - rule.window) is not None
+                if a.latest(now - rule.window) is not None
             }
         return (s.label("run"), s.label("rank")) in anchors
 
@@ -182,18 +202,18 @@ def nonfinite(rule: NonFiniteRule, store: SampleStore, now: float) -> list[Match
     for sel in rule.counters:
         operand: dict[Labels, float] = {}
         for s in store.select(sel.metric, {**rule.match, **sel.match}):
-            inc = increase(_tail(s, now, rule.window), now - rule.window, now)
+            inc = increase(s.window(now, rule.window), now - rule.window, now)
             if inc is not None and inc > 0:
                 _accumulate(operand, rule.by, s.labels, inc)
             elif rule.anchor is not None:
-                cur = _at(s, now)
-                if cur is not None and cur[1] > 0 and _at(s, now - rule.window) is None and anchored(s):
+                cur = s.latest(now)
+                if cur is not None and cur[1] > 0 and s.latest(now - rule.window) is None and anchored(s):
                     _accumulate(operand, rule.by, s.labels, cur[1])
-        add(operand)
+        add({k: v for k, v in operand.items() if v > rule.min_increase})
     for sel in rule.gauges:
         operand = {}
         for s in store.select(sel.metric, {**rule.match, **sel.match}):
-            p = _at(s, now)
+            p = s.latest(now)
             if p is not None and not _finite(p[1]):
                 _accumulate(operand, rule.by, s.labels, p[1])
         add(operand)
@@ -217,7 +237,7 @@ def band(rule: BandRule, store: SampleStore, now: float) -> list[Match]:
     for s in store.select(rule.metric, rule.match):
         if not layer_ok(s.label("layer")):
             continue
-        p = _at(s, now)
+        p = s.latest(now)
         if p is None:
             continue
         lv = _log10(p[1])
@@ -230,7 +250,7 @@ def spike(rule: SpikeRule, store: SampleStore, now: float) -> list[Match]:
     """The current value vs its window: ratio to the earlier points' mean, or z-score within the window."""
     out = []
     for s in store.select(rule.metric, rule.match):
-        pts = _tail(s, now, rule.window)
+        pts = s.window(now, rule.window)
         n = len(pts)
         if n < rule.min_samples:
             continue
@@ -277,7 +297,7 @@ def depth(rule: DepthRule, store: SampleStore, now: float) -> list[Match]:
     depth_of: dict[Labels, float] = {}
     for s in store.select(rule.depth_metric, rule.match):
         if layer_ok(s.label("layer")):
-            p = _at(s, now)
+            p = s.latest(now)
             if p is not None and _finite(p[1]):
                 depth_of[s.labels] = p[1]
     # group (labels without layer) -> [shallowest, deepest] as (depth, layer, value)
@@ -286,7 +306,7 @@ def depth(rule: DepthRule, store: SampleStore, now: float) -> list[Match]:
         d = depth_of.get(s.labels)
         if d is None:
             continue
-        p = _at(s, now)
+        p = s.latest(now)
         if p is None or not (p[1] > 0 and _finite(p[1])):
             continue
         entry = (d, s.label("layer"), p[1])
@@ -315,7 +335,7 @@ def plateau(rule: PlateauRule, store: SampleStore, now: float) -> list[Match]:
     for s in store.select(rule.ratio_metric, rule.match):
         if not layer_ok(s.label("layer")):
             continue
-        p = _at(s, now)
+        p = s.latest(now)
         if p is None or math.isnan(p[1]):
             continue
         group = _without(s.labels, "layer")
@@ -326,7 +346,7 @@ def plateau(rule: PlateauRule, store: SampleStore, now: float) -> list[Match]:
         top = largest.get(_without(s.labels, "__name__"))
         if top is None or not top < rule.max_update_ratio:
             continue
-        values = [v for _, v in _tail(s, now, rule.window)]
+        values = [v for _, v in s.window(now, rule.window)]
         if len(values) < rule.min_samples or not all(map(_finite, values)):
             continue
         mean = sum(values) / len(values)
@@ -342,15 +362,15 @@ def stall(rule: StallRule, store: SampleStore, now: float) -> list[Match]:
     """The step did not change over the window although watched that long, or its scrape went silent."""
     out = []
     for s in store.select(rule.metric, rule.match):
-        pts = _tail(s, now, rule.window)
+        pts = s.window(now, rule.window)
         if pts:
             v0 = pts[0][1]
             unchanged = all(v == v0 or (math.isnan(v) and math.isnan(v0)) for _, v in pts)
-            if unchanged and _at(s, now - rule.window) is not None:
+            if unchanged and s.latest(now - rule.window) is not None:
                 out.append(Match(alert_labels(rule, s.labels), pts[-1][1]))
         elif rule.stale:
-            last = next((p for p in reversed(s.points) if p[0] <= now), None)
-            if last is not None and last[0] > now - rule.forget_after:
+            last = s.latest(now, rule.forget_after)  # silent for window, but not for forget_after
+            if last is not None:
                 out.append(Match(alert_labels(rule, s.labels), last[1]))
     return out
 

@@ -1,9 +1,10 @@
 """Load a rules file, or say everything wrong with it and where.
 
-``load_rules`` is what the service calls at start and on reload (a :class:`RulesError`
-keeps the old rules in place) and what ``gradwatch rules check FILE`` prints.
-:func:`validation_problems` turns any pydantic error into located problems, so a
-combined config file that embeds rules reports them the same way.
+``load_rules`` reads a rules-only file (or the built-in pack); the watchdog's own
+config file (:mod:`gradwatch.watchdog.config_file`) embeds rules beside other
+sections and goes through :func:`parse_document` and :func:`validation_problems`
+too, so every problem in either file is reported the same way: YAML path, line,
+reason.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gradwatch.watchdog.rules.models import RULE_MODELS, RulesFile
 
@@ -82,37 +83,65 @@ def default_rules_text() -> str:
 
 def parse_rules(text: str, source: str = "<string>") -> RulesFile:
     """Validate YAML ``text`` as a rules file; raises :class:`RulesError`."""
+    return parse_document(text, RulesFile, source)
+
+
+Doc = TypeVar("Doc", bound=BaseModel)
+
+
+def parse_document(
+    text: str,
+    model: type[Doc],
+    source: str = "<string>",
+    *,
+    tagged: Mapping[str, type[BaseModel]] = RULE_MODELS,
+    error: type[RulesError] = RulesError,
+) -> Doc:
+    """Validate YAML ``text`` as ``model`` (a rules file, or a config embedding ``rules:``).
+
+    Raises ``error`` (a :class:`RulesError`) listing every problem. ``tagged`` maps each
+    discriminator value a union in ``model`` can take (rule kinds, notifier types) to
+    its model, so an unknown key inside one can be answered with the keys it allows.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RulesError([_yaml_problem(exc)], source=source) from None
+        raise error([_yaml_problem(exc)], source=source) from None
     problems = duplicate_keys(root)
     if not isinstance(data, dict):
-        problems.append(Problem("<root>", "expected a mapping with a `rules` list", _line(root)))
-        raise RulesError(problems, source=source)
+        keys = ", ".join(f"`{k}`" for k in _keys(model))
+        problems.append(Problem("<root>", f"expected a mapping with {keys}", _line(root)))
+        raise error(problems, source=source)
     try:
-        rules = RulesFile.model_validate(data)
+        doc = model.model_validate(data)
     except ValidationError as exc:
-        problems += validation_problems(exc, text, root=root)
+        problems += validation_problems(exc, text, root=root, model=model, tagged=tagged)
         # pydantic checks names only once every rule is valid; report duplicates anyway
         known = {p.location for p in problems}
         problems += [p for p in duplicate_names(data, root) if p.location not in known]
     if problems:
-        raise RulesError(sorted(problems, key=lambda p: (p.line or 0, p.location)), source=source)
-    return rules
+        raise error(sorted(problems, key=lambda p: (p.line or 0, p.location)), source=source)
+    return doc
 
 
 # --- locating problems ---------------------------------------------------------------------
 
 
 def validation_problems(
-    exc: ValidationError, source_text: str | None = None, *, root: yaml.Node | None = None
+    exc: ValidationError,
+    source_text: str | None = None,
+    *,
+    root: yaml.Node | None = None,
+    model: type[BaseModel] = RulesFile,
+    tagged: Mapping[str, type[BaseModel]] = RULE_MODELS,
 ) -> list[Problem]:
     """Every error in ``exc`` as a :class:`Problem` located in ``source_text`` (the YAML that was validated).
 
     Locations are YAML paths (``rules[2].for``) — pydantic's internal steps such as the
-    rule kind a union tried are left out — with the line of the offending key.
+    rule kind or notifier type a union tried are left out — with the line of the
+    offending key. ``model`` is what was validated at the root (its keys are listed for
+    an unknown top-level key); ``tagged`` as for :func:`parse_document`.
     """
     if root is None and source_text is not None:
         try:
@@ -122,10 +151,10 @@ def validation_problems(
     problems = []
     for err in exc.errors():
         loc = tuple(err["loc"]) + tuple((err.get("ctx") or {}).get("at", ()))
-        path, line = _resolve(root, loc)
+        path, line = _resolve(root, loc, tagged)
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            path.append("kind")
-        problems.append(Problem(format_path(path), _reason(err, loc), line))
+            path.append(_discriminator(err))
+        problems.append(Problem(format_path(path), _reason(err, loc, model, tagged), line))
     return problems
 
 
@@ -142,7 +171,9 @@ def format_path(path: Sequence[str | int]) -> str:
     return out or "<root>"
 
 
-def _resolve(node: yaml.Node | None, loc: tuple) -> tuple[list[str | int], int | None]:
+def _resolve(
+    node: yaml.Node | None, loc: tuple, tagged: Mapping[str, type[BaseModel]] = RULE_MODELS
+) -> tuple[list[str | int], int | None]:
     """Follow ``loc`` through the YAML node tree: the path that exists in the file, and its line."""
     path: list[str | int] = []
     line = _line(node)
@@ -156,7 +187,7 @@ def _resolve(node: yaml.Node | None, loc: tuple) -> tuple[list[str | int], int |
                 path.append(part)
                 line, node = _line(hit[0]), hit[1]
                 continue
-            if last and part not in RULE_MODELS:  # a missing key: name it, point at its mapping
+            if last and part not in tagged:  # a missing key: name it, point at its mapping
                 path.append(part)
             continue  # otherwise a union tag or validator name: not part of the file
         if isinstance(node, yaml.SequenceNode) and isinstance(part, int):
@@ -174,23 +205,30 @@ def _line(node: yaml.Node | None) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
 
-def _reason(err: Any, loc: tuple) -> str:
+def _discriminator(err: Any) -> str:
+    """The key a tagged union is chosen by (``kind`` for rules, ``type`` for notifiers)."""
+    return str((err.get("ctx") or {}).get("discriminator", "kind")).strip("'")
+
+
+def _reason(err: Any, loc: tuple, model: type[BaseModel], tagged: Mapping[str, type[BaseModel]]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
         key = str(loc[-1])
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(loc, model, tagged)
         if not allowed:
             return f"unknown key {key!r}"
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown key {key!r} ({hint}allowed: {', '.join(allowed)})"
     if kind == "union_tag_invalid":
-        return f"unknown kind {ctx.get('tag')!r}: expected one of {', '.join(RULE_MODELS)}"
+        expected = str(ctx.get("expected_tags", "")).replace("'", "")
+        return f"unknown {_discriminator(err)} {ctx.get('tag')!r}: expected one of {expected}"
     if kind == "union_tag_not_found":
-        return f"missing `kind`: one of {', '.join(RULE_MODELS)}"
+        key = _discriminator(err)
+        return f"missing `{key}`: one of {', '.join(t for t, m in tagged.items() if key in m.model_fields)}"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     if kind != "rule_invalid" and isinstance(value, str | int | float | bool) and kind != "duration":
@@ -198,14 +236,17 @@ def _reason(err: Any, loc: tuple) -> str:
     return msg
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Keys the rule kind named in ``loc`` accepts, when the unknown key sits directly in a rule."""
-    if len(loc) >= 2 and loc[-2] in RULE_MODELS:
-        model = RULE_MODELS[loc[-2]]
-        return [f.alias or name for name, f in model.model_fields.items()]
+def _allowed_keys(loc: tuple, model: type[BaseModel], tagged: Mapping[str, type[BaseModel]]) -> list[str]:
+    """Keys accepted where the unknown key sits: directly in a tagged model (a rule kind), or at the root."""
+    if len(loc) >= 2 and loc[-2] in tagged:
+        return _keys(tagged[loc[-2]])
     if len(loc) == 1:
-        return list(RulesFile.model_fields)
+        return _keys(model)
     return []
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def duplicate_keys(node: yaml.Node | None, path: tuple = ()) -> list[Problem]:

@@ -26,49 +26,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from gradwatch.watchdog import metric_names as mn
+from gradwatch.watchdog.durations import Duration, PositiveDuration, format_duration, parse_duration  # noqa: F401
 from gradwatch.watchdog.alerting import TemplateError, compile_template
+from gradwatch.watchdog.rules.policy import PolicyStep
 
 
 def _bad(message: str, at: tuple = ()) -> PydanticCustomError:
     """A validation error with a finished message; ``at`` is the path below the failing model (for locations)."""
     return PydanticCustomError("rule_invalid", message, {"at": at})
 
-
-# --- durations -------------------------------------------------------------------------
-
-_DURATION = re.compile(r"(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?")
-_UNITS = (
-    ("y", 365 * 86400.0), ("w", 7 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001),
-)
-
-
-def parse_duration(value: Any) -> float:
-    """A Prometheus duration (``1h30m``, ``2s``, ``500ms``, ``0``) in seconds."""
-    if (value == 0 and not isinstance(value, bool)) or value == "0":
-        return 0.0
-    if isinstance(value, str):
-        m = _DURATION.fullmatch(value.strip())
-        if m and value.strip() and any(m.groups()):
-            return sum(int(g) * unit for g, (_, unit) in zip(m.groups(), _UNITS) if g)
-    hint = " (a bare number needs a unit)" if isinstance(value, int | float) and not isinstance(value, bool) else ""
-    raise _bad(f"invalid duration {value!r}{hint}: use a Prometheus duration like 30s, 5m, 1h30m or 0")
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as the shortest Prometheus duration (``5400.0`` → ``1h30m``; ``0`` → ``0s``)."""
-    ms = round(seconds * 1000)
-    if ms == 0:
-        return "0s"
-    out = []
-    for unit, size in _UNITS:
-        n, ms = divmod(ms, round(size * 1000))
-        if n:
-            out.append(f"{n}{unit}")
-    return "".join(out)
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
-PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 # --- shared field types ------------------------------------------------------------------
 
@@ -129,6 +95,17 @@ class _RuleBase(_Strict):
     )
     match: Matchers = Field(default_factory=dict, description="Label equality matchers applied to every series read.")
     limit: int = Field(0, ge=0, description="Most active alerts of this rule; more fails the evaluation. 0: no limit.")
+    on_fire: list[PolicyStep] = Field(
+        default_factory=list, description="Remediation steps while the alert fires (see rules/policy.py); empty: notify only."
+    )
+
+    @field_validator("on_fire")
+    @classmethod
+    def _repeat_only_last(cls, steps: list) -> list:
+        for i, step in enumerate(steps[:-1]):
+            if step.repeat:
+                raise _bad("only the last step may repeat", at=(i, "repeat"))
+        return steps
 
     @field_validator("labels")
     @classmethod
@@ -163,7 +140,7 @@ class NonFiniteRule(_RuleBase):
 
     PromQL, operands joined with ``or`` in this order (first one wins a label set)::
 
-        increase(C[window]) > 0                                   # each counter C
+        increase(C[window]) > min_increase                        # each counter C
         or ((C > 0 unless C offset window) and on(run, rank) (ANCHOR offset window))
         or (G != G or G == +Inf or G == -Inf)                     # each gauge G
 
@@ -195,6 +172,9 @@ class NonFiniteRule(_RuleBase):
     )
     by: list[Annotated[str, Field(pattern=LABEL_NAME)]] | None = Field(
         None, description="Aggregate each operand by these labels (e.g. [run, rank]); null: one alert per series."
+    )
+    min_increase: float = Field(
+        0.0, ge=0, description="A counter operand counts only when it rose by more than this (e.g. 2: three or more events)."
     )
 
     @model_validator(mode="after")
@@ -345,3 +325,4 @@ class RulesFile(_Strict):
                 raise _bad(reason, at=("rules", i, "name"))
             first[rule.name] = i
         return self
+

@@ -1,0 +1,115 @@
+"""How the watchdog process runs: where it listens, where it keeps state, how often it looks.
+
+Built once by ``gradwatch serve``: command-line flags win over ``GRADWATCH_*``
+environment variables (``GRADWATCH_PORT=9500``, ``GRADWATCH_PROMETHEUS_URL=...``),
+which win over the defaults below. The defaults run a complete watchdog on one
+machine with no other server. What is watched and who is told lives in the config
+file (:mod:`gradwatch.watchdog.config_file`), which ``config`` points at.
+
+Durations are seconds or Prometheus-style strings (``2``, ``500ms``, ``1m``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
+from gradwatch.watchdog.notify.config import parse_duration
+
+DEFAULT_PORT = 9400
+
+
+def _seconds(value: Any) -> Any:
+    # Environment variables arrive as text: "2" means 2 seconds, as on the command line.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return parse_duration(value)
+
+
+Duration = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADWATCH_", extra="forbid", frozen=True)
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP API binds. Loopback by default: agents on other machines need "
+        "0.0.0.0 (or the host's address) and a network you trust.",
+    )
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="HTTP API port (0: any free port, logged at start).")
+    config: Path | None = Field(
+        None, description="The YAML config file (rules and notifiers). None: the default rule pack, no notifiers."
+    )
+    db: str = Field(
+        "gradwatch.db",
+        description="SQLite file holding runs, alert states, deliveries and the audit log (relative to the "
+        "working directory). Keep it across restarts: it is what lets a restarted watchdog keep firing "
+        "alerts and not re-notify. ':memory:' keeps nothing.",
+    )
+    scrape_interval: Duration = Field(
+        2.0,
+        description="Seconds between two rounds of scrape (or Prometheus query) + rule evaluation. 2 s because "
+        "an explosion goes from healthy to NaN within a few dozen steps; the default rule pack's `for` "
+        "durations assume it.",
+    )
+    scrape_timeout: Duration | None = Field(
+        None,
+        description="Seconds one round's source may take: each agent's scrape, or the Prometheus query. "
+        "None: the scrape interval.",
+    )
+    stale_after: Duration = Field(
+        60.0, description="A registered run that has not answered a scrape for this long is marked stale (never deleted)."
+    )
+    prometheus_url: HttpUrl | None = Field(
+        None,
+        description="Query this Prometheus (or Thanos/Mimir) HTTP API for the agents' series instead of "
+        "scraping the agents directly. Include any route prefix.",
+    )
+    prometheus_bearer_token: SecretStr | None = Field(None, description="Bearer token sent to prometheus_url.")
+    prometheus_username: str | None = Field(None, description="Basic-auth user for prometheus_url (with the password).")
+    prometheus_password: SecretStr | None = Field(None, description="Basic-auth password for prometheus_url.")
+    resend_delay: Duration = Field(
+        DEFAULT_RESEND_DELAY_S,
+        description="Minimum seconds between two hand-overs of a still-firing alert to the notifiers "
+        "(Prometheus's --rules.alert.resend-delay); each notifier's repeat_interval then decides what is sent.",
+    )
+    external_url: str = Field(
+        "",
+        description="The watchdog's URL as people reach it, for links in notifications. Empty: "
+        "http://HOST:PORT as bound.",
+    )
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = Field(
+        "info", description="Log verbosity."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.prometheus_bearer_token is not None and self.prometheus_username is not None:
+            raise ValueError("give prometheus_bearer_token or prometheus_username/password, not both")
+        if (self.prometheus_username is None) != (self.prometheus_password is None):
+            raise ValueError("prometheus_username and prometheus_password go together")
+        return self
+
+    @property
+    def source_timeout(self) -> float:
+        """Seconds a round's source may take (``scrape_timeout``, else the interval)."""
+        return self.scrape_timeout if self.scrape_timeout is not None else self.scrape_interval
+
+    def public_url(self, port: int | None = None) -> str:
+        """``external_url``, or the URL the API is bound at (``port``: the port actually bound)."""
+        if self.external_url:
+            return self.external_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port if port is None else port}"
