@@ -77,13 +77,16 @@ class ControlClient:
         return list(self._seen)
 
     def close(self) -> None:
-        """Stop polling; pending acknowledgements get one last attempt."""
+        """Stop polling; pending acknowledgements get one last attempt; tell the watchdog the run
+        finished (so its silence is not taken for a stall)."""
         self._stop.set()
         self._thread.join(timeout=self.timeout_s + 1)
+        run, rank = self.registration.run, self.registration.rank
         try:
             self._flush_acks()
+            self._request("DELETE", f"/api/v1/runs/{run}?rank={rank}")
         except Exception as exc:  # the watchdog may be gone: nothing to do about it now
-            log.debug("gradwatch: final acknowledgements not delivered: %s", exc)
+            log.debug("gradwatch: could not say goodbye to the watchdog: %s", exc)
 
     # -- network thread ------------------------------------------------------------------
 

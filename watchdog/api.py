@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 
-from fastapi import APIRouter, FastAPI, Query, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Query, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,6 +26,8 @@ from gradwatch.watchdog.api_models import (
     ReloadOut,
     RunOut,
 )
+from gradwatch.watchdog.api_auth import signed_request
+from gradwatch.watchdog.api_commands import commands_router
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.store import MAX_LIMIT
@@ -37,7 +39,7 @@ Limit = Query(100, ge=1, le=MAX_LIMIT, description="Most entries returned (newes
 def runs_router(service: Service) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["runs"])
 
-    @router.post("/runs", status_code=status.HTTP_201_CREATED)
+    @router.post("/runs", status_code=status.HTTP_201_CREATED, dependencies=[Depends(signed_request(service, required=False))])
     def register_run(registration: Registration) -> RegisteredOut:
         """Register an agent (at its start, and again after either side restarts); it is scraped from the next round."""
         return RegisteredOut(run=RunOut.of(service.register(registration)), scrape_interval_s=service.settings.scrape_interval)
@@ -124,7 +126,9 @@ def ops_router(service: Service) -> APIRouter:
     return router
 
 
-ROUTERS: Sequence[Callable[[Service], APIRouter]] = (runs_router, alerts_router, audit_router, rules_router, ops_router)
+ROUTERS: Sequence[Callable[[Service], APIRouter]] = (
+    runs_router, commands_router, alerts_router, audit_router, rules_router, ops_router,
+)
 """Every endpoint group, each built over the service."""
 
 

@@ -4,6 +4,8 @@ imports torch.
 
     gradwatch serve [--config FILE] [--host H] [--port N] [--db PATH] [--prometheus-url URL] [--scrape-interval S]
     gradwatch rules check FILE...
+    gradwatch rules export [--format prometheus] [FILE] [-o OUT] [--group NAME] [--interval 2s]
+    gradwatch command RUN ACTION [--factor F] [--min-lr LR] [--mode M] [--threshold T|auto] [--z Z]
 
 Exit codes: 0 fine; 1 ``rules check`` found problems, or the port could not be bound;
 2 ``serve`` refused to start (bad setting, bad config file, unusable store).
@@ -52,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(handler=_rules_check)
+    export = rules_commands.add_parser(
+        "export",
+        help="write the rules as a Prometheus rule file",
+        description="Write the rules of FILE (a rules or config file; default: the built-in pack) as a Prometheus "
+        "rule file in PromQL, for rule_files or a PrometheusRule's spec. Rules, or parts of rules, that are not "
+        "exported are named on stderr. Exits 1 if FILE has problems (printed as `rules check` prints them).",
+    )
+    export.add_argument("file", nargs="?", metavar="FILE", help="rules or config file (default: the built-in rule pack)")
+    export.add_argument("--format", choices=["prometheus"], default="prometheus", help="output format (default prometheus)")
+    export.add_argument("-o", "--output", metavar="OUT", help="write the rule file here instead of stdout")
+    export.add_argument("--group", default="gradwatch", help="rule group name (default gradwatch)")
+    export.add_argument("--interval", default="2s", help="group evaluation interval, e.g. 2s (default 2s)")
+    export.set_defaults(handler=_rules_export)
+
+    from gradwatch.watchdog import command_cli
+
+    command_cli.add_parser(commands)
     return parser
 
 
@@ -77,6 +96,12 @@ def _rules_check(args: argparse.Namespace) -> int:
         notifiers = f", {n} notifier{'' if n == 1 else 's'}" if n else ""
         print(f"{path}: ok ({len(config.rules)} rules{notifiers})")
     return status
+
+
+def _rules_export(args: argparse.Namespace) -> int:
+    from gradwatch.watchdog.rules.export_cli import export_command
+
+    return export_command(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

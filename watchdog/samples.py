@@ -171,6 +171,16 @@ class SampleStore:
             for key in [k for k, s in series.items() if not s.points or s.points[-1][0] < t]:
                 del series[key]
 
+    def drop_matching(self, match: Mapping[str, str]) -> int:
+        """Forget every series whose labels include all of ``match`` (a run that finished cleanly)."""
+        dropped = 0
+        for family in self._families.values():
+            keys = [k for k, s in family.series.items() if all(s.label(n, None) == v for n, v in match.items())]
+            for key in keys:
+                del family.series[key]
+            dropped += len(keys)
+        return dropped
+
     def series_count(self) -> int:
         return sum(len(f.series) for f in self._families.values())
 

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 
 from gradwatch.watchdog import metric_names as mn
 from gradwatch.watchdog.alert import Alert, AlertState
+from gradwatch.watchdog.commands import CommandService
 from gradwatch.watchdog.config_file import ConfigError, WatchdogConfig, load_config
 from gradwatch.watchdog.engine import EvalResult, RuleEngine, RuleHealth
 from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
+from gradwatch.watchdog.remediation import Remediator
 from gradwatch.watchdog.samples import SampleStore
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service_metrics import ServiceMetrics
@@ -175,6 +177,8 @@ class Service:
             self.samples.set_retention(self.engine.history_needed())  # keep what the rules read, no more
             restored = self.engine.restore(self.store.alerts())
             self.dispatcher = self._build_dispatcher(self.config)
+            self.commands = CommandService(self.store, settings.command_secret(), settings.command_limits(), clock)
+            self.remediator = Remediator(self.commands, self._policies)
         except BaseException:
             if self._owns_store:
                 self.store.close()
@@ -267,6 +271,7 @@ class Service:
             health = self.engine.health()
             self._record(now, result, alerts, health)
             self.dispatcher.submit(to_send, now)
+            self.remediator.decide(alerts, now)
         if now - self._last_prune >= PRUNE_EVERY_S:
             self.samples.drop_older_than(now - self.samples.max_age_s)
             self._last_prune = now
@@ -343,6 +348,21 @@ class Service:
             )
         self.registry.register(registration, now)
         return RunStatus(record, None)
+
+    def deregister(self, run: str, rank: int) -> bool:
+        """A run finished cleanly: stop scraping it and forget its series, so its silence is not a stall."""
+        now = self.clock()
+        target = self.registry.remove((run, rank))
+        with self._lock:
+            self.samples.drop_matching({"run": run, "rank": str(rank)})
+        with self.store.transaction():
+            removed = self.store.remove_run(run, rank)
+            self.store.append_audit("run.finished", time=now, run=run, details={"rank": rank})
+        return bool(target or removed)
+
+    def _policies(self) -> dict:
+        """Each rule's on_fire steps (read at decision time, so a reload takes effect at once)."""
+        return {r.name: r.on_fire for r in self.config.rules if r.on_fire}
 
     def runs(self, run: str | None = None) -> list[RunStatus]:
         """Registered runs (stale ones included) as stored, with their last scrape error."""

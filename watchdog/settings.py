@@ -18,6 +18,8 @@ from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
+from gradwatch.watchdog.commands import CommandLimits
+from gradwatch.watchdog.schema import read_secret
 from gradwatch.watchdog.notify.config import parse_duration
 
 DEFAULT_PORT = 9400
@@ -90,6 +92,19 @@ class Settings(BaseSettings):
         description="The watchdog's URL as people reach it, for links in notifications. Empty: "
         "http://HOST:PORT as bound.",
     )
+    secret: SecretStr | None = Field(
+        None,
+        description="Shared command secret (GRADWATCH_SECRET), the same the agents read. It signs commands and "
+        "authenticates agents, operators and Alertmanager. None (and no secret_file): notify only, no remediation.",
+    )
+    secret_file: Path | None = Field(None, description="File holding the shared secret (wins over `secret`).")
+    max_commands_per_run: int = Field(6, ge=1, description="Rule- and Alertmanager-triggered commands per run per command_window.")
+    command_window: Duration = Field(600.0, description="The window of max_commands_per_run.")
+    command_cooldown: Duration = Field(
+        15.0, description="Minimum seconds between two triggered commands with the same action for one run."
+    )
+    command_ttl: Duration = Field(120.0, description="A command no agent picked up within this long expires.")
+    poll_interval: Duration = Field(1.0, description="How often agents are told to poll for commands.")
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = Field(
         "info", description="Log verbosity."
     )
@@ -101,6 +116,17 @@ class Settings(BaseSettings):
         if (self.prometheus_username is None) != (self.prometheus_password is None):
             raise ValueError("prometheus_username and prometheus_password go together")
         return self
+
+    def command_secret(self) -> bytes | None:
+        """The shared secret as bytes: ``secret_file``'s content, else ``secret``, else None."""
+        if self.secret_file is not None:
+            return read_secret(str(self.secret_file))
+        return self.secret.get_secret_value().encode() if self.secret is not None else None
+
+    def command_limits(self) -> CommandLimits:
+        return CommandLimits(
+            self.max_commands_per_run, self.command_window, self.command_cooldown, self.command_ttl, self.poll_interval
+        )
 
     @property
     def source_timeout(self) -> float:

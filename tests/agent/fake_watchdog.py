@@ -25,6 +25,7 @@ class FakeWatchdog:
     def __init__(self, secret: bytes | None) -> None:
         self.secret = secret
         self.registrations: list[Registration] = []
+        self.finished: list[str] = []
         self.acks: list[Ack] = []
         self.auth_failures: list[str] = []
         self.queue: list[SignedCommand] = []
@@ -58,6 +59,11 @@ class FakeWatchdog:
                 else:
                     owner.acks.extend(Ack.model_validate(a) for a in json.loads(body))
                 self._reply("{}")
+
+            def do_DELETE(self):  # noqa: N802
+                if self._authorized(b""):
+                    owner.finished.append(self.path)
+                    self._reply("{}")
 
             def do_GET(self):  # noqa: N802
                 if not self._authorized(b""):

@@ -134,6 +134,8 @@ def test_stop_and_checkpoint_reach_callbacks_or_are_unsupported(attach, watchdog
     watchdog.send("test", {"action": "stop"})
     ack = watchdog.wait_for_acks(2, step)[1]
     assert ack.status == "applied" and stopped == [ack.step]
+    agent.close()
+    assert watchdog.finished == ["/api/v1/runs/test?rank=0"]  # the run said goodbye, signed
 
 
 def test_dead_watchdog_never_stalls_training(attach, watchdog):

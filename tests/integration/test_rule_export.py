@@ -252,12 +252,12 @@ rules:
 
 def test_promtool_accepts_the_exported_default_pack(promtool, tmp_path):
     text, unsupported = export_rules(load_rules())
-    assert unsupported == []
+    assert all("on_fire" in u.reason for u in unsupported)  # notes on multi-step policies, no rule left out
     path = tmp_path / "default.yml"
     path.write_text(text)
     result = promtool_run(promtool, "check", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_accepts_a_file_with_every_kind_and_option(promtool, tmp_path):

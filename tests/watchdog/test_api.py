@@ -170,5 +170,7 @@ def test_openapi_lists_every_path(env):
     assert set(paths) == {
         "/api/v1/runs", "/api/v1/alerts", "/api/v1/alerts/history", "/api/v1/audit",
         "/api/v1/rules/reload", "/healthz", "/metrics",
+        "/api/v1/runs/{run}", "/api/v1/runs/{run}/commands", "/api/v1/runs/{run}/acks", "/api/v1/commands",
+        "/api/v1/alertmanager",
     }
     assert set(paths["/api/v1/runs"]) == {"get", "post"}

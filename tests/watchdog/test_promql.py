@@ -176,7 +176,8 @@ def test_multi_line_expressions_are_literal_blocks():
 
 def test_the_default_pack_exports_every_rule():
     doc, unsupported = export(*load_rules().rules)
-    assert unsupported == []
+    # Only notes on multi-step policies: every rule itself is exported.
+    assert unsupported and all("on_fire" in u.reason for u in unsupported)
     assert [r["alert"] for r in doc["groups"][0]["rules"]] == [r.name for r in load_rules().rules]
 
 
@@ -264,7 +265,7 @@ def run(capsys, file=None, output=None, **kw) -> tuple[int, str, str]:
 
 def test_command_exports_the_default_pack_to_stdout(capsys):
     code, out, err = run(capsys)
-    assert (code, err) == (0, "")
+    assert code == 0 and all("on_fire" in line for line in err.splitlines())
     assert out == export_rules(load_rules())[0]
 
 

@@ -90,6 +90,11 @@ class TargetRegistry:
         self._notify(target)
         return target
 
+    def remove(self, key: TargetKey) -> Target | None:
+        """Stop watching a target (its run finished and said so); returns it, or None if unknown."""
+        with self._lock:
+            return self._targets.pop(key, None)
+
     def targets(self) -> list[Target]:
         """Every registered target, stale ones included, in registration order."""
         with self._lock:
