@@ -49,7 +49,8 @@ def _fmax(a: float | None, b: float) -> float:
 class Telemetry:
     def __init__(self, depth: dict[str, int]) -> None:
         self._lock = threading.Lock()
-        self._view = View(depth=depth)
+        # Skip counters exist at 0 from the start, so PromQL's increase() sees the first event.
+        self._view = View(depth=depth, skipped=Counter({"nonfinite": 0, "nonfinite_peer": 0}))
         self._peaks: OrderedDict[object, dict[str, float]] = OrderedDict()
 
     def update(self, **values) -> None:

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gradwatch.watchdog import command_cli
 
     command_cli.add_parser(commands)
+
+    from gradwatch.watchdog.dashboards import commands as dashboards_commands
+
+    dashboards_commands.add_parser(commands)
     return parser
 
 

@@ -45,7 +45,11 @@ def run(rank: int, world: int, init_file: str, out_dir: str, use_ddp: bool, watc
             "params": [p.detach().clone() for p in model.parameters()],
             "rank_labels": {s.labels["rank"] for f in families.values() for s in f.samples},
             "per_layer": len(families[m.GRAD_NORM].samples),
-            "skipped": {s.labels["reason"]: s.value for s in families[m.SKIPPED_STEPS_TOTAL.removesuffix("_total")].samples},
+            "skipped": {
+                s.labels["reason"]: s.value
+                for s in families[m.SKIPPED_STEPS_TOTAL.removesuffix("_total")].samples
+                if s.value  # reasons are exported at 0 from the start
+            },
             "step": families[m.STEP].samples[0].value,
             "scaled_at": scaled_at,
         }
