@@ -151,6 +151,7 @@ class Agent:
             "version": 1,
             "step": self.monitor.step,
             "remediation": self.remedy.state_dict(),
+            "spikes": self.monitor.spikes.state_dict() if self.monitor.spikes is not None else None,
             "commands_seen": self.control.seen_ids() if self.control is not None else [],
         }
 
@@ -159,6 +160,8 @@ class Agent:
             raise ValueError(f"gradwatch: unsupported agent state version {state.get('version')!r}")
         self.monitor.step = int(state["step"])
         self.remedy.load_state_dict(state["remediation"])
+        if self.monitor.spikes is not None and state.get("spikes"):
+            self.monitor.spikes.load_state_dict(state["spikes"])
         if self.control is not None:
             self.control.mark_seen(state["commands_seen"])
         self.telemetry.update(step=self.monitor.step)

@@ -38,6 +38,13 @@ class AgentConfig(BaseModel):
         description="Check every step for NaN/Inf gradients and skip such steps. Costs one fused "
         "read of the gradients and one host sync per step (as GradScaler does).",
     )
+    spike_sigma: float | None = Field(
+        default=6.0,
+        gt=0,
+        description="With the guard on, a step whose global gradient norm exceeds mean + spike_sigma x std of "
+        "the last 128 applied steps is clipped to that bound (OLMo-core's test; it skips). Needs the "
+        "global norm every step (one multi-tensor L2 pass, as clip_grad_norm_). None: off.",
+    )
     layers: Literal["tensor", "module"] = Field(
         default="tensor",
         description="`tensor`: one `layer` label per parameter tensor; `module`: one per owning module.",

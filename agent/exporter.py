@@ -101,6 +101,13 @@ class GradwatchCollector(Collector):
         for reason, n in sorted(v.skipped.items()):
             skipped.add_metric([*self.base.values(), reason], n)
         yield skipped
+        spikes = CounterMetricFamily(
+            m.SPIKE_CLIPPED_STEPS_TOTAL,
+            "Steps whose gradient norm exceeded mean + spike_sigma x std of recent steps, clipped by the guard.",
+            labels=self.base,
+        )
+        spikes.add_metric(list(self.base.values()), sum(v.spike_clipped.values()))
+        yield spikes
         commands = CounterMetricFamily(
             m.COMMANDS_APPLIED_TOTAL, "Watchdog commands applied, by action.", labels=[*self.base, "action"]
         )

@@ -17,12 +17,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from gradwatch.agent import distributed, probe
+from gradwatch.agent import clipping, distributed, probe
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.remedy import Remediation
+from gradwatch.agent.spikes import SpikeGuard
 from gradwatch.agent.telemetry import Telemetry
+from gradwatch.agent.throttle import Throttled
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -57,6 +59,8 @@ class StepMonitor:
         self.remedy = remedy
         self.commands = commands
         self._peer_commands = False
+        self._warn = Throttled(log)
+        self.spikes = SpikeGuard(config.spike_sigma) if config.guard and config.spike_sigma else None
         self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
         self.step = 0
         self._loss: Tensor | None = None  # latest observed loss, on device
@@ -91,7 +95,7 @@ class StepMonitor:
         stats = probe.grad_stats(grads, params, with_min=detail) if sampled and self.per_layer else None
         if stats is not None:
             norms = stats[:, probe.GRAD_NORM]
-        elif grads and (sampled or remedy.clipping_active):
+        elif grads and (sampled or remedy.clipping_active or self.spikes is not None):
             norms = probe.l2_norms(grads)
         else:
             norms = None
@@ -171,9 +175,28 @@ class StepMonitor:
             self.telemetry.record_peak("grad_global_norm", values[_GLOBAL_NORM])
         if detail and self.per_layer:
             self._before = (present, probe.snapshot(params))
+        if norms is not None:
+            self._hold_spike(grads, norms, values[_GLOBAL_NORM])
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)
+
+    def _hold_spike(self, grads: list[Tensor], norms: Tensor, global_norm: float) -> None:
+        """Clip a finite spike to the guard's bound (unless remediation clipping already bounds the step)."""
+        if self.spikes is None:
+            return
+        bound = self.spikes.bound()
+        if bound is None or global_norm <= bound or self.remedy.clipping_active:
+            self.spikes.record(global_norm)
+            return
+        # The spike stays out of the history: the bound holds until the watchdog (or a human) acts.
+        clipping.global_norm_(grads, norms, bound)
+        self.telemetry.count("spike_clipped", "global_norm")
+        self._warn.warning(
+            "spike",
+            "gradwatch: step %d: gradient norm %.3g is above mean + %gσ of recent steps (%.3g): clipped to it",
+            self.step, global_norm, self.spikes.sigma, bound,
+        )
 
     def _clip_and_scale(self, grads: list[Tensor], norms: Tensor | None, present: list[int]) -> None:
         """Remediation for an applied step: clip the (raw-measured) gradients, scale the LR."""
@@ -234,12 +257,13 @@ class StepMonitor:
         if local:
             first = next(iter(counts))
             n_nan, n_inf = counts[first]
-            log.warning(
+            self._warn.warning(
+                "nonfinite",
                 "gradwatch: step %d skipped: non-finite gradients, first in layer %r (nan=%d, inf=%d); %d layer(s) affected",
                 self.step, first, n_nan, n_inf, len(counts),
             )
         else:
-            log.warning("gradwatch: step %d skipped: another rank had non-finite gradients", self.step)
+            self._warn.warning("peer", "gradwatch: step %d skipped: another rank had non-finite gradients", self.step)
 
     def flush(self) -> None:
         """Move a pending observed loss to the host (at close, so the last value is not lost)."""

@@ -37,6 +37,7 @@ class View:
     depth: dict[str, int] = field(default_factory=dict)
     nonfinite: Counter = field(default_factory=Counter)  # (layer, kind) -> elements
     skipped: Counter = field(default_factory=Counter)  # reason -> steps
+    spike_clipped: Counter = field(default_factory=Counter)  # mode -> steps the guard clipped
     commands: Counter = field(default_factory=Counter)  # action -> applied
 
 
@@ -50,7 +51,11 @@ class Telemetry:
     def __init__(self, depth: dict[str, int]) -> None:
         self._lock = threading.Lock()
         # Skip counters exist at 0 from the start, so PromQL's increase() sees the first event.
-        self._view = View(depth=depth, skipped=Counter({"nonfinite": 0, "nonfinite_peer": 0}))
+        self._view = View(
+            depth=depth,
+            skipped=Counter({"nonfinite": 0, "nonfinite_peer": 0}),
+            spike_clipped=Counter({"global_norm": 0}),
+        )
         self._peaks: OrderedDict[object, dict[str, float]] = OrderedDict()
 
     def update(self, **values) -> None:
@@ -96,5 +101,6 @@ class Telemetry:
                 depth=v.depth,
                 nonfinite=Counter(v.nonfinite),
                 skipped=Counter(v.skipped),
+                spike_clipped=Counter(v.spike_clipped),
                 commands=Counter(v.commands),
             )

@@ -23,6 +23,7 @@ PARAM_NORM = "gradwatch_param_norm"  # {layer}
 UPDATE_RATIO = "gradwatch_update_ratio"  # {layer}: mean|w_after - w_before| / mean|w_before|
 NONFINITE_GRADS_TOTAL = "gradwatch_nonfinite_grads_total"  # {layer, kind}
 SKIPPED_STEPS_TOTAL = "gradwatch_skipped_steps_total"  # {reason}
+SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipped a finite norm spike
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}

@@ -19,22 +19,19 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.servers import Server, free_port, start_prometheus
+from tests.integration.servers import Server, start_prometheus
+from tests.integration.watchdog_process import INTERVAL, api, start_watchdog, wait_until
 
 torch = pytest.importorskip("torch")
 from tests.integration.training import Run, Trainer  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.integration
 
-INTERVAL = "0.5"  # the watchdog's round; the default pack's `for` durations are counted in seconds
 HEALTHY_S = 16.0  # long enough for every default rule with a short warm-up (GradNormSpike: 30 samples) to be armed
 NONFINITE = {"alertname": "GradNonFinite", "rank": "0", "severity": "critical"}
 
@@ -44,45 +41,6 @@ def stack():
     """Everything started in a test registers its stop here; all of it stops, in reverse, even on failure."""
     with contextlib.ExitStack() as s:
         yield s
-
-
-def start_watchdog(workdir: Path, *args: str, name: str = "watchdog", attempts: int = 3) -> Server:
-    """``gradwatch serve`` in a subprocess on a free loopback port; returns once ``/healthz`` is 200."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(attempts):
-        port = free_port()
-        log_path = workdir / f"{name}-{attempt}.log"
-        with open(log_path, "wb") as log:
-            command = [sys.executable, "-m", "gradwatch.watchdog.cli", "serve", "--port", str(port),
-                       "--scrape-interval", INTERVAL, *args]
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
-        server = Server(name, process, f"http://127.0.0.1:{port}", log_path)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/healthz", timeout=1).json()["status"] == "ok":
-                    return server
-            time.sleep(0.05)
-        server.stop()
-        if "cannot listen" not in server.log_tail():  # only a port taken meanwhile is worth a retry
-            break
-    raise RuntimeError(f"gradwatch serve did not become healthy:\n{server.log_tail()}")
-
-
-def api(server: Server, path: str, **params) -> list | dict:
-    response = httpx.get(f"{server.url}{path}", params=params, timeout=5)
-    response.raise_for_status()
-    return response.json()
-
-
-def wait_until(what: str, check, timeout: float = 15.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def firing(server: Server, run: str) -> list[dict]:

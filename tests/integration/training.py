@@ -51,7 +51,9 @@ class Run:
         self.name = name
         self.model = AddingLSTM()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=HEALTHY_LR, momentum=0.9)
-        self.agent = gradwatch.agent.watch(self.model, self.optimizer, run=name, port=0, every=1)
+        # The guard's spike clipping is off here: these runs must really diverge to NaN, to show
+        # the watchdog alerting on it (tests/integration/test_remediation_e2e.py covers the spike guard).
+        self.agent = gradwatch.agent.watch(self.model, self.optimizer, run=name, port=0, every=1, spike_sigma=None)
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.exploded_at: float | None = None  # wall time of the first step at the exploding LR
 

@@ -143,6 +143,7 @@ def test_the_default_pack_needs_history_only_for_what_it_reads_over_time():
         # counters: increase over 1m, and "born since" reads them and the step at now - 1m
         mn.NONFINITE_GRADS_TOTAL: 60 + LOOKBACK_S,
         mn.SKIPPED_STEPS_TOTAL: 60 + LOOKBACK_S,
+        mn.SPIKE_CLIPPED_STEPS_TOTAL: 60 + LOOKBACK_S,
         mn.STEP: max(60, 600) + LOOKBACK_S,  # stall: [10m] and "already there" 10m ago
         mn.GRAD_GLOBAL_NORM_MAX: 120,  # spike over 2m
         mn.LOSS: 600,  # plateau over 10m (loss spike: 5m)

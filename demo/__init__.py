@@ -1,0 +1,1 @@
+"""Runnable demonstrations of gradwatch on real (small, generated-data) training runs."""
