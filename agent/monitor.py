@@ -63,6 +63,7 @@ class StepMonitor:
         self.spikes = SpikeGuard(config.spike_sigma) if config.guard and config.spike_sigma else None
         self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
         self.step = 0
+        self._all = list(range(len(params)))
         self._loss: Tensor | None = None  # latest observed loss, on device
         self._loss_max: Tensor | None = None  # max since the last transfer, on device
         self._ratio: _PendingRatio | None = None
@@ -83,9 +84,13 @@ class StepMonitor:
         self.step += 1
         self._skipping = False
         self._before = None
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads = [self.params[i].grad for i in present]
-        params = [self.params[i] for i in present]
+        grads = [p.grad for p in self.params]
+        if None in grads:  # some parameters got no gradient this step
+            present = [i for i, g in enumerate(grads) if g is not None]
+            grads = [grads[i] for i in present]
+            params = [self.params[i] for i in present]
+        else:
+            present, params = self._all, self.params
         device = grads[0].device if grads else torch.device("cpu")
         commands = self.commands.take()
         sampled = bool(grads) and self.step % self.config.every == 0

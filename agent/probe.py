@@ -3,7 +3,7 @@
 Every function takes lists of tensors (one per layer) and returns float32 tensors
 on the same device, under ``torch.no_grad()``. Nothing here calls ``.item()``,
 logs or touches Prometheus: the agent moves the results to the host once per
-sampled step (see ``agent.step_hooks``).
+sampled step (see ``agent.monitor``).
 
 Kernel choice (measured by ``benchmarks/``, FIELD_NOTES §2): on CUDA the
 multi-tensor ``torch._foreach_norm`` kernels cover L2, L1 and max in a few

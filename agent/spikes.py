@@ -15,7 +15,7 @@ import math
 from collections import deque
 
 WINDOW = 128
-WARMUP = 32
+WARMUP = 128  # a full window: early-training norms move fast and are not spikes
 
 
 class SpikeGuard:

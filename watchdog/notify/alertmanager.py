@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from gradwatch.watchdog.notify.base import ConfiguredNotifier
 from gradwatch.watchdog.alert import Alert, AlertState
 from gradwatch.watchdog.notify.config import ALERTMANAGER_VALIDITY_FACTOR, AlertmanagerConfig
 
@@ -52,7 +53,7 @@ def generator_url(external_url: str, alert: Alert) -> str:
     return f"{external_url.rstrip('/')}/alerts/{alert.fingerprint}" if external_url else ""
 
 
-class AlertmanagerNotifier:
+class AlertmanagerNotifier(ConfiguredNotifier):
     """Posts alerts to one Alertmanager. Called on the dispatcher's thread; raises on failure."""
 
     def __init__(self, config: AlertmanagerConfig, *, external_url: str = "", client: httpx.Client | None = None) -> None:
@@ -66,18 +67,6 @@ class AlertmanagerNotifier:
         if config.basic_auth is not None:
             auth = httpx.BasicAuth(config.basic_auth.username, config.basic_auth.password.get_secret_value())
         self._client = client or httpx.Client(timeout=config.timeout, headers=headers, auth=auth)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def send_resolved(self) -> bool:
-        return self.config.send_resolved
-
-    @property
-    def repeat_interval_s(self) -> float:
-        return self.config.repeat_interval
 
     def build_payload(self, alerts: Sequence[Alert], now: float) -> list[dict[str, Any]]:
         """The JSON array for ``POST /api/v2/alerts``; ``now`` dates the validity of firing alerts."""
@@ -102,5 +91,3 @@ class AlertmanagerNotifier:
         response = self._client.post(self.endpoint, content=body, headers={"Content-Type": "application/json"})
         response.raise_for_status()
 
-    def close(self) -> None:
-        self._client.close()

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from gradwatch.watchdog.notify.base import ConfiguredNotifier
 from gradwatch.watchdog.alert import Alert
 from gradwatch.watchdog.notify.alertmanager import USER_AGENT, alert_status, generator_url, label_dict
 from gradwatch.watchdog.notify.config import SlackConfig
@@ -59,7 +60,7 @@ def format_line(alert: Alert, external_url: str = "") -> str:
     return line
 
 
-class SlackNotifier:
+class SlackNotifier(ConfiguredNotifier):
     """Posts alerts to one Slack incoming webhook. Called on the dispatcher's thread; raises on failure."""
 
     def __init__(self, config: SlackConfig, *, external_url: str = "", client: httpx.Client | None = None) -> None:
@@ -69,18 +70,6 @@ class SlackNotifier:
         self.external_url = external_url
         self._url = config.url.get_secret_value()
         self._client = client or httpx.Client(timeout=config.timeout, headers={"User-Agent": USER_AGENT})
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def send_resolved(self) -> bool:
-        return self.config.send_resolved
-
-    @property
-    def repeat_interval_s(self) -> float:
-        return self.config.repeat_interval
 
     def build_payload(self, alerts: Sequence[Alert], now: float) -> dict[str, Any]:
         """The incoming-webhook JSON: ``text`` in mrkdwn, plus channel/username overrides if set."""
@@ -110,5 +99,3 @@ class SlackNotifier:
         response = self._client.post(self._url, content=body, headers={"Content-Type": "application/json"})
         response.raise_for_status()
 
-    def close(self) -> None:
-        self._client.close()

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from gradwatch.watchdog.notify.base import ConfiguredNotifier
 from gradwatch.watchdog.alert import Alert
 from gradwatch.watchdog.notify.alertmanager import (
     USER_AGENT,
@@ -44,7 +45,7 @@ def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
     return {k: v for k, v in first.items() if all(d.get(k) == v for d in rest)}
 
 
-class WebhookNotifier:
+class WebhookNotifier(ConfiguredNotifier):
     """POSTs one v4 document per batch to a URL. Called on the dispatcher's thread; raises on failure."""
 
     def __init__(self, config: WebhookConfig, *, external_url: str = "", client: httpx.Client | None = None) -> None:
@@ -53,18 +54,6 @@ class WebhookNotifier:
         self._secret = config.secret.get_secret_value().encode() if config.secret is not None else None
         headers = {"User-Agent": USER_AGENT, **config.headers}
         self._client = client or httpx.Client(timeout=config.timeout, headers=headers)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def send_resolved(self) -> bool:
-        return self.config.send_resolved
-
-    @property
-    def repeat_interval_s(self) -> float:
-        return self.config.repeat_interval
 
     def build_payload(self, alerts: Sequence[Alert], now: float) -> dict[str, Any]:
         """The v4 document; ``now`` is unused (firing alerts carry Alertmanager's zero endsAt)."""
@@ -106,5 +95,3 @@ class WebhookNotifier:
         response = self._client.post(str(self.config.url), content=body, headers=headers)
         response.raise_for_status()
 
-    def close(self) -> None:
-        self._client.close()
