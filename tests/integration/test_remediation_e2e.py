@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -135,3 +137,24 @@ def test_killing_the_watchdog_mid_run_never_stops_training(watchdog, tmp_path):
     finally:
         agent.close()
         servers[0].stop()
+
+
+def test_operator_command_from_the_cli_reaches_the_trainer(watchdog):
+    sc = build("healthy_rnn", seed=0)
+    agent = attach(sc, "manual", watchdog)
+    cli = [sys.executable, "-m", "gradwatch.watchdog.cli", "command", "manual", "lower-lr", "--factor", "0.5",
+           "--url", watchdog.url]
+    result = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "issued lower_lr to manual" in result.stdout
+    bad = subprocess.run([*cli[:-4], "--factor", "2", "--url", watchdog.url], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "factor" in bad.stderr
+    step = 0
+    while agent.remedy.lr_scale == 1.0 and step < sc.steps:
+        train_step(sc, step)
+        optimizer_step(sc)
+        step += 1
+    agent.close()
+    (command,) = api(watchdog, "/api/v1/commands", run="manual")
+    assert command["ack"]["status"] == "applied" and command["ack"]["lr_scale"] == 0.5
+    assert command["rule"] is None  # an operator's, not a policy's
