@@ -1,7 +1,7 @@
 """Turn firing alerts into commands: each rule's ``on_fire`` steps, escalating while its condition holds.
 
-State is derived, not kept: the commands already issued for an alert's firing
-episode (same rule and fingerprint, issued since it fired) say which step is next,
+State is derived, not kept: the commands already issued for the run under this
+rule since the alert fired say which step is next,
 so a restarted watchdog continues where it stopped. Alerts fired by Prometheus reach
 the same place through Alertmanager's webhook (:func:`from_alertmanager`).
 """
@@ -56,10 +56,10 @@ class Remediator:
             run = alert.label("run")
             if not steps or not run or alert.state is not AlertState.FIRING or alert.keep_firing_since is not None:
                 continue
-            issued = [
-                r for r in self.commands.table.list(run=run, rule=alert.rule, since=alert.fired_at, limit=1000)
-                if r.fingerprint == alert.fingerprint
-            ]
+            # Every command for this run and rule since the alert fired counts, whatever asked for it
+            # (this alert, a sibling alert of the same rule, or Prometheus through Alertmanager):
+            # remediation is per run, and the same alert can arrive by both paths.
+            issued = self.commands.table.list(run=run, rule=alert.rule, since=alert.fired_at, limit=1000)
             step = next_step(steps, issued, alert.fired_at or now, now)
             if step is None:
                 continue

@@ -174,7 +174,7 @@ class NonFiniteRule(_RuleBase):
         None, description="Aggregate each operand by these labels (e.g. [run, rank]); null: one alert per series."
     )
     min_increase: float = Field(
-        0.0, ge=0, description="A counter operand counts only when it rose by more than this (e.g. 2: three or more events)."
+        0.0, ge=0, description="A counter operand counts only when it rose by more than this (e.g. 2.5: three or more events; not 2, since PromQL's increase() extrapolates between scrapes)."
     )
 
     @model_validator(mode="after")
