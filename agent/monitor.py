@@ -85,7 +85,7 @@ class StepMonitor:
         self._skipping = False
         self._before = None
         grads = [p.grad for p in self.params]
-        if None in grads:  # some parameters got no gradient this step
+        if any(g is None for g in grads):  # some got no gradient (not `None in grads`: that calls Tensor.__eq__)
             present = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in present]
             params = [self.params[i] for i in present]

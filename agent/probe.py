@@ -97,10 +97,11 @@ def update_l1(before: list[Tensor], after: list[Tensor]) -> Tensor:
     """``[n, 2]`` float32: sum |w_after − w_before| and sum |w_before| per layer.
 
     Their quotient is DL4J's update:parameter ratio mean|Δw| / mean|w| (numel cancels),
-    and sums aggregate exactly when layers are grouped.
+    and sums aggregate exactly when layers are grouped. Consumes ``before`` (overwritten).
     """
-    delta = torch._foreach_sub([a.detach() for a in after], before)
-    return _per_device(lambda d, b: torch.stack([_norms(d, 1.0), _norms(b, 1.0)], dim=1), delta, before)
+    weight = _per_device(lambda b: _norms(b, 1.0), before)
+    torch._foreach_sub_(before, [a.detach() for a in after])  # in place: the copy becomes -Δw, no new buffers
+    return torch.stack([_per_device(lambda d: _norms(d, 1.0), before), weight], dim=1)
 
 
 @torch.no_grad()
