@@ -131,3 +131,15 @@ def test_auto_threshold_follows_recent_healthy_norms():
     assert remedy.clip_threshold == pytest.approx(6.0)  # enabling again never loosens
     remedy.apply(EnableClipping(mode="clip_value", threshold="auto"))
     assert remedy.clip_threshold == pytest.approx(2 * 0.3)
+
+
+def test_restore_lr_and_disable_clipping_undo_a_decision():
+    from gradwatch.watchdog.schema import DisableClipping, LowerLR, RestoreLR
+
+    remedy = Remediation(Bounds(lr_cut_cooldown_s=0))
+    remedy.apply(LowerLR(factor=0.25, min_lr=1e-4))
+    remedy.apply(EnableClipping(mode="clip_value", threshold=1.0))
+    assert remedy.lr_scale == 0.25 and remedy.clipping_active
+    remedy.apply(RestoreLR())
+    remedy.apply(DisableClipping())
+    assert remedy.lr_scale == 1.0 and remedy.min_lr is None and not remedy.clipping_active
