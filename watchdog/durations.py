@@ -45,3 +45,20 @@ def format_duration(seconds: float) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 
+
+
+def parse_seconds(value: Any) -> float:
+    """A number of seconds (``90``, ``"90"``) or a Prometheus duration: the looser form used by the
+    notifiers and the service settings, where a plain number has always meant seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            return parse_duration(value)
+        except PydanticCustomError:
+            pass
+    raise ValueError(f"{value!r} is not a duration: use e.g. '30s', '5m', '1h30m', '4h' or a number of seconds")

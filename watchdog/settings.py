@@ -20,22 +20,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
 from gradwatch.watchdog.commands import CommandLimits
 from gradwatch.watchdog.schema import read_secret
-from gradwatch.watchdog.notify.config import parse_duration
+from gradwatch.watchdog.durations import parse_seconds
 
 DEFAULT_PORT = 9400
 
 
-def _seconds(value: Any) -> Any:
-    # Environment variables arrive as text: "2" means 2 seconds, as on the command line.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return parse_duration(value)
-
-
-Duration = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+Duration = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
 
 
 def _lower(value: Any) -> Any:

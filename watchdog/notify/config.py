@@ -42,25 +42,9 @@ from pydantic import (
     model_validator,
 )
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+from gradwatch.watchdog.durations import parse_seconds
 
-
-def parse_duration(value: Any) -> Any:
-    """Prometheus-style duration (``90s``, ``1h30m``, ``500ms``) or a number of seconds → seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '30s', '1h30m'")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        parts = _DURATION_PART.findall(text)
-        if parts and "".join(n + u for n, u in parts) == text:
-            return sum(float(n) * _UNIT_S[u] for n, u in parts)
-    raise ValueError(f"{value!r} is not a duration: use e.g. '30s', '5m', '1h30m', '4h' or a number of seconds")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Duration = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
 """Seconds, as a float; written in YAML as ``4h``, ``90s`` or a plain number."""
 
 
