@@ -456,9 +456,13 @@ class CommandTable:
             )
 
     def after(self, run: str, seq: int, now: float) -> list[CommandRecord]:
-        """Unexpired commands of ``run`` numbered above ``seq``, oldest first."""
+        """Unexpired, unacknowledged commands of ``run`` numbered above ``seq``, oldest first.
+
+        An acknowledged command is done: a new trainer that reuses the run name (and polls
+        from seq 0) must not get the previous one's remediation."""
         rows = self.store._query(
-            "SELECT * FROM commands WHERE run=? AND seq>? AND expires_at>=? ORDER BY seq", [run, seq, now]
+            "SELECT * FROM commands WHERE run=? AND seq>? AND expires_at>=? AND ack IS NULL ORDER BY seq",
+            [run, seq, now],
         )
         return [_command(r) for r in rows]
 

@@ -100,6 +100,7 @@ def test_poll_serves_signed_commands_once_delivered_and_records_acks(commands):
     ack = Ack(command_id=first.id, run="r1", rank=0, status="applied", step=42, at=3.0, lr_scale=0.25)
     assert commands.acknowledge("r1", [ack, ack], now=3.0) == 1
     assert commands.table.get(first.id).ack["step"] == 42
+    assert commands.poll("r1", 0, after=0, now=4.0).commands == []  # done: a new trainer named r1 does not get it
     kinds = [e.kind for e in commands.store.audit(run="r1")]
     assert kinds == ["command.decided", "command.delivered", "command.acked", "command.acked"]
 
