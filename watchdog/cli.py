@@ -6,6 +6,8 @@ imports torch.
     gradwatch rules check FILE...
     gradwatch rules export [--format prometheus] [FILE] [-o OUT] [--group NAME] [--interval 2s]
     gradwatch command RUN ACTION [--factor F] [--min-lr LR] [--mode M] [--threshold T|auto] [--z Z]
+    gradwatch dashboards generate|push ...
+    gradwatch demo [--scenario NAME] [--seed N] [--out DIR] [--no-baseline] [--keep-running]
 
 Exit codes: 0 fine; 1 ``rules check`` found problems, or the port could not be bound;
 2 ``serve`` refused to start (bad setting, bad config file, unusable store).
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gradwatch.watchdog.dashboards import commands as dashboards_commands
 
     dashboards_commands.add_parser(commands)
+
+    from gradwatch.demo import cli as demo_cli
+
+    demo_cli.add_parser(commands)
     return parser
 
 

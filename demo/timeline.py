@@ -1,0 +1,189 @@
+"""The demo's story as it happens: one line per event, under a progress bar.
+
+Events come from three places, each the one a user would look at in production:
+the agent's log (the guard holding a spike, skipping a NaN step, applying a command),
+the watchdog's audit log read over its HTTP API (alerts, notifications, commands,
+acknowledgements), and the notification sink (what the on-call person receives).
+The training thread calls :meth:`Timeline.tick` once per step; the watchdog is read
+on a background thread so a slow request never holds a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from gradwatch.demo.services import WatchdogProcess
+
+
+@dataclass
+class Event:
+    at: float  # seconds since the demo's training began
+    step: int
+    source: str  # agent | watchdog | notify | demo
+    kind: str  # e.g. alert.firing, command.acked, guard
+    text: str
+
+
+# "(GradientSpikesHeld firing for {'alertname': ...})" -> "(GradientSpikesHeld firing)"
+_SHORT_REASON = re.compile(r"\((\w+ firing) for \{[^}]*\}\)")
+
+
+class _AgentLog(logging.Handler):
+    """The agent's log lines become events (instead of going to stderr)."""
+
+    def __init__(self, timeline: Timeline) -> None:
+        super().__init__(logging.INFO)
+        self.timeline = timeline
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = _SHORT_REASON.sub(r"(\1)", record.getMessage().removeprefix("gradwatch: "))
+        if "metrics at" in text or "watching run" in text:
+            return
+        if " applied " in text or " refused " in text:
+            kind = "command"
+        elif "clipped" in text or "skipped" in text:
+            kind = "guard"
+        else:
+            kind = "agent"
+        self.timeline.add("agent", kind, text)
+
+
+def _describe(entry: dict) -> str | None:
+    """One line for an audit entry a reader cares about; None for bookkeeping."""
+    kind, rule, details = entry["kind"], entry.get("rule"), entry.get("details") or {}
+    labels = {k: v for k, v in (details.get("labels") or {}).items() if k not in ("alertname", "run", "rank")}
+    where = ", ".join(f"{k}={v}" for k, v in labels.items())
+    if kind == "alert.pending":
+        return f"alert {rule} pending ({where}); fires if it holds for the rule's `for`"
+    if kind == "alert.firing":
+        return f"ALERT {rule} FIRING ({where}), value {details.get('value')}"
+    if kind == "alert.resolved":
+        return f"alert {rule} resolved"
+    if kind in ("notify.sent", "notify.failed"):
+        outcome = "notified" if kind == "notify.sent" else "notification FAILED to"
+        return f"{outcome} {details.get('notifier')} ({details.get('state')}, {rule})"
+    if kind == "command.decided":
+        spec = details.get("spec") or {}
+        args = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "action" and v is not None)
+        return f"remediation decided: {spec.get('action')} ({args}) — policy of {rule}"
+    if kind == "command.suppressed":
+        return f"remediation held back: {details.get('reason') or details}"
+    if kind == "command.acked":
+        return (f"trainer acknowledged: {details.get('status')} at step {details.get('step')} "
+                f"({details.get('detail')})")
+    if kind == "run.registered":
+        return f"run registered; scraping {details.get('metrics_url')}"
+    return None
+
+
+class Timeline:
+    """Collects events from every source and prints them in order, with a progress bar on a terminal."""
+
+    def __init__(self, watchdog: WatchdogProcess, run: str, total_steps: int, out=sys.stdout) -> None:
+        self.watchdog = watchdog
+        self.run = run
+        self.total = total_steps
+        self.out = out
+        self.events: list[Event] = []
+        self.tty = out.isatty()
+        self.step = 0
+        self._status = ""
+        self._start = time.monotonic()
+        self._pending: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_watchdog, name="demo-timeline", daemon=True)
+        self._handler = _AgentLog(self)
+        self._next_report = 0.25
+
+    # -- sources -------------------------------------------------------------------------
+
+    def add(self, source: str, kind: str, text: str, step: int | None = None) -> None:
+        self._pending.put(Event(time.monotonic() - self._start, self.step if step is None else step, source, kind, text))
+
+    def _poll_watchdog(self) -> None:
+        last_id = 0
+        while not self._stop.wait(0.2):
+            last_id = self._read_audit(last_id)
+
+    def _read_audit(self, after_id: int) -> int:
+        """Queue the audit entries newer than ``after_id``; returns the newest id seen."""
+        try:
+            entries = self.watchdog.get("/api/v1/audit", run=self.run, limit=500)
+        except httpx.HTTPError:
+            return after_id  # the next poll tries again
+        for entry in sorted(entries, key=lambda e: e["id"]):
+            if entry["id"] <= after_id:
+                continue
+            after_id = entry["id"]
+            text = _describe(entry)
+            if text is not None:
+                step = (entry.get("details") or {}).get("step") if entry["kind"] == "command.acked" else None
+                self.add("watchdog", entry["kind"], text, step)
+        return after_id
+
+    # -- the training thread ---------------------------------------------------------------
+
+    def __enter__(self) -> Timeline:
+        logger = logging.getLogger("gradwatch.agent")
+        logger.addHandler(self._handler)
+        logger.setLevel(logging.INFO)
+        self._propagate, logger.propagate = logger.propagate, False
+        self._poller.start()
+        return self
+
+    def tick(self, step: int, status: str) -> None:
+        """After each training step: print what happened since the last tick, redraw the bar."""
+        self.step = step
+        self._status = status
+        self._flush()
+        if self.tty:
+            self._draw_bar()
+        elif step / self.total >= self._next_report:  # a log file gets a progress line every quarter
+            self._next_report += 0.25
+            self._print(f"{'':>7} {step:>5}  {'progress':<9} {100 * step / self.total:3.0f}%  {status}")
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                event = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            self.events.append(event)
+            self._print(f"{event.at:6.1f}s {event.step:>5}  {event.source:<9} {event.text}")
+
+    def _print(self, line: str) -> None:
+        if self.tty:
+            self.out.write("\r\033[K")
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def _draw_bar(self, width: int = 30) -> None:
+        done = int(width * self.step / self.total)
+        self.out.write(f"\r\033[K[{'#' * done}{'.' * (width - done)}] step {self.step}/{self.total}  {self._status}")
+        self.out.flush()
+
+    def settle(self, seconds: float) -> None:
+        """After training: let the watchdog's last round, notification and acknowledgement arrive."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            self._flush()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._poller.join(timeout=5)
+        self._flush()
+        if self.tty:
+            self.out.write("\r\033[K")
+            self.out.flush()
+        logger = logging.getLogger("gradwatch.agent")
+        logger.removeHandler(self._handler)
+        logger.propagate = self._propagate
