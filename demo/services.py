@@ -75,9 +75,10 @@ class NotificationSink:
 
 
 class WatchdogProcess:
-    """``gradwatch serve`` in a child process; ``url`` once started. Stops on exit (SIGTERM, then SIGKILL)."""
+    """``gradwatch serve`` in a child process (``config`` None: the default rule pack, no notifiers);
+    ``url`` once started. Agents pass ``secret_file`` to ``watch()``. Stops on exit (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, workdir: Path, config: Path, interval_s: float) -> None:
+    def __init__(self, workdir: Path, config: Path | None, interval_s: float) -> None:
         self.workdir = workdir
         self.config = config
         self.interval_s = interval_s
@@ -95,8 +96,8 @@ class WatchdogProcess:
             with open(self.log_path, "ab") as log:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "gradwatch.watchdog.cli", "serve", "--host", HOST, "--port", str(port),
-                     "--db", str(self.workdir / "gradwatch.db"), "--config", str(self.config),
-                     "--scrape-interval", f"{self.interval_s:g}"],
+                     "--db", str(self.workdir / "gradwatch.db"), "--scrape-interval", f"{self.interval_s:g}",
+                     *(["--config", str(self.config)] if self.config is not None else [])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env={**_environ(), "GRADWATCH_SECRET_FILE": str(self.secret_file)},
                 )
