@@ -71,6 +71,7 @@ class StepMonitor:
         self._skipping = False
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
+        self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
 
     # -- called by the training thread -------------------------------------------------
 
@@ -181,27 +182,43 @@ class StepMonitor:
         if detail and self.per_layer:
             self._before = (present, probe.snapshot(params))
         if norms is not None:
-            self._hold_spike(grads, norms, values[_GLOBAL_NORM])
+            self._hold_spike(grads, norms, values[_GLOBAL_NORM], present)
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)
 
-    def _hold_spike(self, grads: list[Tensor], norms: Tensor, global_norm: float) -> None:
+    def _hold_spike(self, grads: list[Tensor], norms: Tensor, global_norm: float, present: list[int]) -> None:
         """Clip a finite spike to the guard's bound (unless remediation clipping already bounds the step)."""
         if self.spikes is None:
             return
         bound = self.spikes.bound()
         if bound is None or global_norm <= bound or self.remedy.clipping_active:
             self.spikes.record(global_norm)
+            self._calm = (present, norms)  # a reference to this step's norms, no copy: for the next spike's report
             return
         # The spike stays out of the history: the bound holds until the watchdog (or a human) acts.
         clipping.global_norm_(grads, norms, bound)
         self.telemetry.count("spike_clipped", "global_norm")
+        layer, rise = self._steepest_rise(present, norms)
         self._warn.warning(
             "spike",
-            "gradwatch: step %d: gradient norm %.3g is above mean + %gσ of recent steps (%.3g): clipped to it",
-            self.step, global_norm, self.spikes.sigma, bound,
+            "gradwatch: step %d: gradient norm %.3g is above mean + %gσ of recent steps (%.3g): clipped to it; "
+            "most of it in layer %r (%s)",
+            self.step, global_norm, self.spikes.sigma, bound, layer, rise,
         )
+
+    def _steepest_rise(self, present: list[int], norms: Tensor) -> tuple[str, str]:
+        """The layer that carries most of the spike: the largest share of the rise of the squared
+        global norm since the last calm step (a ratio would favour small, noisy layers).
+        On spike steps only, so its host transfer is not the step's usual one."""
+        now = norms.double().cpu().square()  # host sync (spike steps only)
+        calm = self._calm
+        if calm is None or calm[0] != present:  # no calm step yet, or other tensors had gradients then
+            i = int(now.argmax())
+            return self.layer_map.tensor_label[present[i]], f"{now[i] / now.sum():.0%} of the squared norm"
+        rise = now - calm[1].double().cpu().square()
+        i = int(rise.argmax())
+        return self.layer_map.tensor_label[present[i]], f"{rise[i] / rise.sum():.0%} of the rise since the last calm step"
 
     def _clip_and_scale(self, grads: list[Tensor], norms: Tensor | None, present: list[int]) -> None:
         """Remediation for an applied step: clip the (raw-measured) gradients, scale the LR."""

@@ -34,6 +34,8 @@ class Event:
 
 # "(GradientSpikesHeld firing for {'alertname': ...})" -> "(GradientSpikesHeld firing)"
 _SHORT_REASON = re.compile(r"\((\w+ firing) for \{[^}]*\}\)")
+# The agent's guard names where a spike or a NaN step started.
+_ORIGIN = re.compile(r"^step (\d+)\b.*(?:most of it in|first in) layer '([^']+)'")
 
 
 class _AgentLog(logging.Handler):
@@ -53,6 +55,9 @@ class _AgentLog(logging.Handler):
             kind = "guard"
         else:
             kind = "agent"
+        origin = _ORIGIN.match(text)
+        if origin and self.timeline.origin is None:
+            self.timeline.origin = (origin.group(2), int(origin.group(1)))
         self.timeline.add("agent", kind, text)
 
 
@@ -102,6 +107,7 @@ class Timeline:
         self._poller = threading.Thread(target=self._poll_watchdog, name="demo-timeline", daemon=True)
         self._handler = _AgentLog(self)
         self._next_report = 0.25
+        self.origin: tuple[str, int] | None = None  # (layer, step) where the agent first saw trouble
 
     # -- sources -------------------------------------------------------------------------
 
@@ -124,6 +130,8 @@ class Timeline:
                 continue
             after_id = entry["id"]
             text = _describe(entry)
+            if entry["kind"] == "alert.firing" and self.origin is not None and "layer" not in text:
+                text += f"; it started in layer {self.origin[0]} (the agent's guard, step {self.origin[1]})"
             if text is not None:
                 step = (entry.get("details") or {}).get("step") if entry["kind"] == "command.acked" else None
                 self.add("watchdog", entry["kind"], text, step)
