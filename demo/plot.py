@@ -58,6 +58,17 @@ def _mark_guard(ax, trace: Trace) -> None:
                        zorder=3, label=f"agent guard: {what} ({len(steps)})")
 
 
+def _cap(ax, watched: list[float], plain: list[float] | None, what: str) -> None:
+    """Keep the protected run readable: when the unprotected one explodes by orders of
+    magnitude, cut the axis at 100x the protected run's largest value and say how far it went."""
+    top = max((v for v in watched if math.isfinite(v)), default=0.0)
+    went = max((v for v in plain or [] if math.isfinite(v)), default=0.0)
+    if top > 0 and went > 1e3 * top:
+        ax.set_ylim(top=100 * top)
+        ax.text(0.99, 0.95, f"without gradwatch the {what} reached {went:.1e}, then NaN/Inf", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="dimgray")
+
+
 def draw(path: Path, title: str, watched: Trace, plain: Trace | None, events: list[Event]) -> Path:
     fig, axes = plt.subplots(4, 1, figsize=(11, 12), sharex=True, constrained_layout=True)
     norm_ax, layer_ax, ratio_ax, loss_ax = axes
@@ -68,6 +79,7 @@ def draw(path: Path, title: str, watched: Trace, plain: Trace | None, events: li
     if plain is not None:
         norm_ax.plot(*_finite(plain.steps, plain.grad_norm), color="tab:gray", lw=1, alpha=0.7, label="without")
     norm_ax.set_yscale("log")
+    _cap(norm_ax, watched.grad_norm, plain and plain.grad_norm, "gradient norm")
 
     _mark_guard(norm_ax, watched)
 
@@ -98,6 +110,7 @@ def draw(path: Path, title: str, watched: Trace, plain: Trace | None, events: li
         if dead:
             loss_ax.axvline(dead[0], color="black", lw=1.2, label=f"without: loss NaN/Inf from step {dead[0]}")
     loss_ax.set_yscale("log")
+    _cap(loss_ax, watched.loss, plain and plain.loss, "loss")
     loss_ax.set_xlabel("optimizer step")
     lr_ax = loss_ax.twinx()
     lr_ax.plot(watched.steps, watched.lr, color="tab:purple", lw=1, alpha=0.7, label="learning rate (with gradwatch)")

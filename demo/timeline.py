@@ -10,7 +10,11 @@ on a background thread so a slow request never holds a step.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
 import logging
+import math
 import queue
 import re
 import sys
@@ -21,6 +25,11 @@ from dataclasses import dataclass
 import httpx
 
 from gradwatch.demo.services import WatchdogProcess
+
+
+# Events wait this long before printing, so that the watchdog's (read over HTTP every 0.2 s)
+# and the agent's (immediate) come out in the order they happened.
+HOLD_S = 0.6
 
 
 @dataclass
@@ -101,8 +110,11 @@ class Timeline:
         self.tty = out.isatty()
         self.step = 0
         self._status = ""
-        self._start = time.monotonic()
+        self._start = time.time()
         self._pending: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._tick_at: list[float] = []  # when each step ended, seconds since the start
+        self._held: list[tuple[float, int, Event]] = []  # a heap by time stamp
+        self._order = itertools.count()  # ties keep arrival order
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_watchdog, name="demo-timeline", daemon=True)
         self._handler = _AgentLog(self)
@@ -111,8 +123,12 @@ class Timeline:
 
     # -- sources -------------------------------------------------------------------------
 
-    def add(self, source: str, kind: str, text: str, step: int | None = None) -> None:
-        self._pending.put(Event(time.monotonic() - self._start, self.step if step is None else step, source, kind, text))
+    def add(self, source: str, kind: str, text: str, step: int | None = None, at: float | None = None) -> None:
+        """Queue an event; ``at`` is its wall-clock time (epoch seconds) when the source stamped it, else now."""
+        since = (at if at is not None else time.time()) - self._start
+        if step is None:  # the steps completed by then (the poller's events arrive a little late)
+            step = bisect.bisect_right(self._tick_at, since) if at is not None else self.step
+        self._pending.put(Event(since, step, source, kind, text))
 
     def _poll_watchdog(self) -> None:
         last_id = 0
@@ -134,7 +150,7 @@ class Timeline:
                 text += f"; it started in layer {self.origin[0]} (the agent's guard, step {self.origin[1]})"
             if text is not None:
                 step = (entry.get("details") or {}).get("step") if entry["kind"] == "command.acked" else None
-                self.add("watchdog", entry["kind"], text, step)
+                self.add("watchdog", entry["kind"], text, step, at=entry["time"])
         return after_id
 
     # -- the training thread ---------------------------------------------------------------
@@ -150,6 +166,7 @@ class Timeline:
     def tick(self, step: int, status: str) -> None:
         """After each training step: print what happened since the last tick, redraw the bar."""
         self.step = step
+        self._tick_at.append(time.time() - self._start)
         self._status = status
         self._flush()
         if self.tty:
@@ -158,14 +175,19 @@ class Timeline:
             self._next_report += 0.25
             self._print(f"{'':>7} {step:>5}  {'progress':<9} {100 * step / self.total:3.0f}%  {status}")
 
-    def _flush(self) -> None:
+    def _flush(self, hold_s: float = HOLD_S) -> None:
+        """Print the events older than ``hold_s``, in the order their sources stamped them."""
         while True:
             try:
                 event = self._pending.get_nowait()
+                heapq.heappush(self._held, (event.at, next(self._order), event))
             except queue.Empty:
-                return
+                break
+        now = time.time() - self._start
+        while self._held and self._held[0][0] <= now - hold_s:
+            event = heapq.heappop(self._held)[2]
             self.events.append(event)
-            self._print(f"{event.at:6.1f}s {event.step:>5}  {event.source:<9} {event.text}")
+            self._print(f"{max(event.at, 0.0):6.1f}s {event.step:>5}  {event.source:<9} {event.text}")
 
     def _print(self, line: str) -> None:
         if self.tty:
@@ -188,7 +210,7 @@ class Timeline:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._poller.join(timeout=5)
-        self._flush()
+        self._flush(hold_s=-math.inf)
         if self.tty:
             self.out.write("\r\033[K")
             self.out.flush()
