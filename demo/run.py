@@ -42,8 +42,9 @@ class Story:
 
 STORIES: dict[str, Story] = {
     "exploding_rnn": Story(moral="The agent's guard held the first spikes locally, within the step; the watchdog's "
-                       "policy then enabled clipping and lowered the learning rate, and the run ended where a run "
-                       "clipped from step 0 ends. Without gradwatch the same seed went to NaN."),
+                       "policy then enabled clipping and lowered the learning rate, and the run ended close to the "
+                       "same recipe clipped from step 0 (held-out loss 0.0030). Without gradwatch the same seed went "
+                       "to NaN."),
     "nan_batch": Story(moral="The guard skipped the poisoned step before the optimizer applied it (parameters and "
                        "Adam's moments untouched) and the watchdog told the on-call channel. No remediation is "
                        "needed for a single bad record; a repeat (RepeatedNonFinite) would enable clipping and "
