@@ -10,7 +10,8 @@ Runs on the host on sampled steps only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,9 +21,8 @@ from gradwatch.agent import probe
 OTHER = "_other"
 
 
-@dataclass(frozen=True)
-class LayerValues:
-    """What one exported layer shows; NaN where not measured."""
+class LayerValues(NamedTuple):
+    """What one exported layer shows; NaN where not measured (a tuple: hundreds are built per sampled step)."""
 
     grad_norm: float
     grad_abs_mean: float
@@ -56,30 +56,41 @@ class LayerMap:
         """Each layer's position in model order (0 nearest the input in most models)."""
         return {label: i for i, label in enumerate(self.labels)}
 
-    def _fold(self, present: list[int], column: Tensor, how: str) -> Tensor:
-        groups = self.group_of[present]
-        n = len(self.labels)
-        if how == "sum":
-            return torch.zeros(n, dtype=torch.float64).index_add_(0, groups, column)
-        init = torch.full((n,), float("nan"), dtype=torch.float64)
+    def _groups(self, present: list[int]) -> Tensor:
+        """Each present tensor's layer index (``present`` lists tensor indices in increasing order)."""
+        return self.group_of if len(present) == len(self.group_of) else self.group_of[present]
+
+    def _sum(self, groups: Tensor, columns: list[Tensor]) -> list[Tensor]:
+        """Per-layer sums of per-tensor ``columns``, plus one more: each layer's tensor count."""
+        rows = torch.stack([*columns, torch.ones_like(columns[0])], 1)
+        sums = torch.zeros(len(self.labels), rows.shape[1], dtype=torch.float64).index_add_(0, groups, rows)
+        return list(sums.unbind(1))
+
+    def _reduce(self, groups: Tensor, column: Tensor, how: str) -> Tensor:
+        init = torch.full((len(self.labels),), float("nan"), dtype=torch.float64)
         return init.scatter_reduce_(0, groups, column, reduce=how, include_self=False)
 
-    def _has(self, present: list[int]) -> list[bool]:
-        return (self._fold(present, torch.ones(len(present), dtype=torch.float64), "sum") > 0).tolist()
+    def fold_stats(
+        self, present: list[int], stats: Tensor, abs_min: dict[str, float] | None = None
+    ) -> dict[str, LayerValues]:
+        """Per-layer values from probe rows (``stats[k]`` belongs to tensor ``present[k]``), host CPU.
 
-    def fold_stats(self, present: list[int], stats: Tensor) -> dict[str, LayerValues]:
-        """Per-layer values from probe rows (``stats[k]`` belongs to tensor ``present[k]``), host CPU."""
+        ``abs_min``: the min |g| to show per layer instead of the ``stats`` column, on steps
+        that do not measure it.
+        """
         s = stats.to(torch.float64)
-        idx = torch.tensor(present, dtype=torch.long)
-        sums = {
-            "gsq": self._fold(present, s[:, probe.GRAD_NORM] ** 2, "sum"),
-            "l1": self._fold(present, s[:, probe.GRAD_L1], "sum"),
-            "numel": self._fold(present, self.numel[idx], "sum"),
-            "gmax": self._fold(present, s[:, probe.GRAD_ABS_MAX], "amax"),
-            "gmin": self._fold(present, s[:, probe.GRAD_ABS_MIN], "amin"),
-            "psq": self._fold(present, s[:, probe.PARAM_NORM] ** 2, "sum"),
-        }
-        has = self._has(present)
+        groups = self._groups(present)
+        numel = self.numel if len(present) == len(self.numel) else self.numel[present]
+        gsq, l1, n, psq, count = self._sum(
+            groups, [s[:, probe.GRAD_NORM] ** 2, s[:, probe.GRAD_L1], numel, s[:, probe.PARAM_NORM] ** 2]
+        )
+        sums = {"gsq": gsq, "l1": l1, "numel": n, "psq": psq}
+        sums["gmax"] = self._reduce(groups, s[:, probe.GRAD_ABS_MAX], "amax")
+        if abs_min is None:
+            sums["gmin"] = self._reduce(groups, s[:, probe.GRAD_ABS_MIN], "amin")
+        else:
+            sums["gmin"] = torch.tensor([abs_min.get(label, math.nan) for label in self.labels], dtype=torch.float64)
+        has = (count > 0).tolist()
         shown = [i for i in range(len(self.labels)) if has[i]]
         if self.top_k is not None and len(shown) > self.top_k:
             shown = sorted(shown, key=lambda i: -float(sums["gsq"][i]))[: self.top_k]
@@ -91,7 +102,7 @@ class LayerMap:
                     float(o["gsq"].sum().sqrt()),
                     float(o["l1"].sum() / o["numel"].sum()),
                     float(o["gmax"].max()),
-                    float(o["gmin"].min()),
+                    float(o["gmin"].min()) if abs_min is None else abs_min.get(OTHER, math.nan),
                     float(o["psq"].sum().sqrt()),
                 )
             }
@@ -105,9 +116,8 @@ class LayerMap:
     def fold_ratio(self, present: list[int], sums: Tensor) -> dict[str, float]:
         """Per-layer update ratio sum|Δw| / sum|w| from probe.update_l1 rows (same layers as the last fold_stats)."""
         s = sums.to(torch.float64)
-        delta = self._fold(present, s[:, 0], "sum")
-        weight = self._fold(present, s[:, 1], "sum")
-        has = self._has(present)
+        delta, weight, count = self._sum(self._groups(present), [s[:, 0], s[:, 1]])
+        has = (count > 0).tolist()
         ratio = (delta / weight).tolist()
         out = {label: ratio[i] for i, label in enumerate(self.labels) if has[i]}
         kept = self._kept
@@ -118,7 +128,7 @@ class LayerMap:
 
     def fold_counts(self, present: list[int], counts: Tensor) -> dict[str, tuple[int, int]]:
         """Per-layer (NaN, Inf) element counts, only layers that have any (never capped: rare events)."""
-        nan = self._fold(present, counts[:, 0].to(torch.float64), "sum").tolist()
-        inf = self._fold(present, counts[:, 1].to(torch.float64), "sum").tolist()
+        nan, inf, _ = self._sum(self._groups(present), list(counts.to(torch.float64).unbind(1)))
+        nan, inf = nan.tolist(), inf.tolist()
         return {label: (int(nan[i]), int(inf[i])) for i, label in enumerate(self.labels) if nan[i] or inf[i]}
 

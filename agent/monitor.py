@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,8 +28,9 @@ from gradwatch.agent.throttle import Throttled
 
 log = logging.getLogger("gradwatch.agent")
 
-# Layout of the head of each step's host transfer.
-_LOCAL_BAD, _ANY_BAD, _LOSS, _LOSS_MAX, _GLOBAL_NORM, _ZCLIP, _HEAD = range(7)
+def _wide(device: torch.device) -> torch.dtype:
+    """float64 for the global norm where the device has it (Apple's MPS does not)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass
@@ -67,7 +68,8 @@ class StepMonitor:
         self._loss: Tensor | None = None  # latest observed loss, on device
         self._loss_max: Tensor | None = None  # max since the last transfer, on device
         self._ratio: _PendingRatio | None = None
-        self._before: tuple[list[int], list[Tensor]] | None = None
+        self._before: tuple[list[int], probe.Layout, list] | None = None
+        self._layout: tuple[list[int], torch.device, probe.Layout] | None = None  # for the present gradients
         self._skipping = False
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
@@ -85,6 +87,7 @@ class StepMonitor:
         self.step += 1
         self._skipping = False
         self._before = None
+        self._peer_commands = False
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):  # some got no gradient (not `None in grads`: that calls Tensor.__eq__)
             present = [i for i, g in enumerate(grads) if g is not None]
@@ -97,22 +100,26 @@ class StepMonitor:
         sampled = bool(grads) and self.step % self.config.every == 0
         detail = self.step % self.config.detail_every == 0
         remedy = self.remedy
+        layout = self._layout_for(present, grads) if grads else None
 
-        stats = probe.grad_stats(grads, params, with_min=detail) if sampled and self.per_layer else None
+        stats = probe.grad_stats(grads, params, layout, with_min=detail) if sampled and self.per_layer else None
         if stats is not None:
             norms = stats[:, probe.GRAD_NORM]
         elif grads and (sampled or remedy.clipping_active or self.spikes is not None):
-            norms = probe.l2_norms(grads)
+            norms = probe.l2_norms(grads, layout)
         else:
             norms = None
-        if norms is not None:
-            # A norm is non-finite exactly when an element is (or the sum of squares overflowed).
-            local_bad = (~torch.isfinite(norms)).any().float()
-        elif grads and self.config.guard:
-            local_bad = probe.nonfinite_flag(grads)
-        else:
-            local_bad = torch.zeros((), device=device)
-        any_bad = self._sync(local_bad, len(commands))
+        # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
+        # squares overflowed (in float64 here, so squaring finite float32 norms cannot overflow).
+        global_norm = torch.linalg.vector_norm(norms, dtype=_wide(norms.device)) if norms is not None else None
+        nonfinite = probe.nonfinite_flag(grads) if global_norm is None and grads and self.config.guard else None
+        any_bad = None  # None: this rank decides alone, on the host
+        if self.ranks.distributed and self.config.sync_ranks:
+            if global_norm is not None:
+                local_bad = (~torch.isfinite(global_norm)).float()
+            else:
+                local_bad = nonfinite if nonfinite is not None else torch.zeros((), device=device)
+            any_bad = self._sync(local_bad, len(commands))
         if self._peer_commands:
             commands = self.commands.broadcast(commands)
         if commands:
@@ -122,19 +129,21 @@ class StepMonitor:
             self._clip_and_scale(grads, norms, present)
             return
 
-        nan = torch.tensor(float("nan"), device=device)
         zclip = remedy.zclip.threshold() if remedy.zclip is not None else None
-        head = torch.stack(
-            [
-                local_bad,
-                any_bad.to(device),
-                self._loss.to(device) if self._loss is not None else nan,
-                self._loss_max.to(device) if self._loss_max is not None else nan,
-                norms.square().sum().sqrt() if norms is not None else nan,
-                zclip.to(device) if zclip is not None else nan,
-            ]
-        )
-        parts = [head]
+        # The head of this step's host transfer: the scalars there are, by name.
+        head = {
+            name: value.to(device)
+            for name, value in (
+                ("global_norm", global_norm),
+                ("nonfinite", nonfinite),
+                ("any_bad", any_bad),
+                ("loss", self._loss),
+                ("loss_max", self._loss_max),
+                ("clip_threshold", zclip),
+            )
+            if value is not None
+        }
+        parts = [torch.stack(list(head.values()))]
         if stats is not None:
             parts.append(stats.flatten())
         ratio = self._ratio
@@ -142,47 +151,46 @@ class StepMonitor:
             parts.append(ratio.sums.to(device).flatten())
         host = torch.cat(parts).cpu()  # the one host transfer (device sync) of this step
         self._ratio = None
-        has_loss = self._loss is not None
         self._loss_max = None
 
-        values = host[:_HEAD].tolist()
-        offset = _HEAD
+        values = dict(zip(head, host[: len(head)].tolist()))
+        offset = len(head)
         updates: dict = {"step": self.step}
-        if has_loss:
-            updates["loss"] = values[_LOSS]
-            self.telemetry.record_peak("loss", values[_LOSS_MAX])
-        if zclip is not None:
-            updates["clip_threshold"] = values[_ZCLIP]
-        if values[_ANY_BAD]:
+        if "loss" in values:
+            updates["loss"] = values["loss"]
+            self.telemetry.record_peak("loss", values["loss_max"])
+        if "clip_threshold" in values:
+            updates["clip_threshold"] = values["clip_threshold"]
+        local_bad = not math.isfinite(values["global_norm"]) if norms is not None else bool(values["nonfinite"])
+        if values.get("any_bad", local_bad):
             self.telemetry.update(**updates)
-            self._skip(present, grads, local=bool(values[_LOCAL_BAD]))
+            self._skip(present, grads, local=local_bad)
             return
         if stats is not None:
             rows = host[offset : offset + stats.numel()].view(len(present), probe.N_COLUMNS)
             offset += stats.numel()
-            layers = self.layer_map.fold_stats(present, rows)
+            # min |g| is measured on detail steps only; other steps show the last measurement
+            layers = self.layer_map.fold_stats(present, rows, abs_min=None if detail else self._min)
             if detail:
                 self._min = {k: v.grad_abs_min for k, v in layers.items()}
-            else:  # min |g| is measured on detail steps only: show the last measurement
-                layers = {k: replace(v, grad_abs_min=self._min.get(k, math.nan)) for k, v in layers.items()}
             updates["layers"] = layers
             remedy.observe_healthy(
-                values[_GLOBAL_NORM],
+                values["global_norm"],
                 max(v.grad_norm for v in layers.values()),
                 max(v.grad_abs_max for v in layers.values()),
             )
         elif sampled:
-            remedy.observe_healthy(values[_GLOBAL_NORM], None, None)
+            remedy.observe_healthy(values["global_norm"], None, None)
         if ratio is not None:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
         if norms is not None:
-            updates["grad_global_norm"] = values[_GLOBAL_NORM]
-            self.telemetry.record_peak("grad_global_norm", values[_GLOBAL_NORM])
+            updates["grad_global_norm"] = values["global_norm"]
+            self.telemetry.record_peak("grad_global_norm", values["global_norm"])
         if detail and self.per_layer:
-            self._before = (present, probe.snapshot(params))
+            self._before = (present, layout, probe.snapshot(params, layout))
         if norms is not None:
-            self._hold_spike(grads, norms, values[_GLOBAL_NORM], present)
+            self._hold_spike(grads, norms, values["global_norm"], present)
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)
@@ -226,12 +234,20 @@ class StepMonitor:
             self.remedy.clip(grads, norms, self.layer_map.module_unit[present].to(norms.device))
         self.remedy.apply_lr(self.optimizer)
 
+    def _layout_for(self, present: list[int], grads: list[Tensor]) -> probe.Layout:
+        """The probe's layout for this step's gradients: built again when other parameters
+        have gradients, or the model moved to another device."""
+        if self._layout is not None:
+            had, device, layout = self._layout
+            if had == present and device == grads[0].device:
+                return layout
+        layout = probe.Layout(grads)
+        self._layout = (present, grads[0].device, layout)
+        return layout
+
     def _sync(self, local_bad: Tensor, n_commands: int) -> Tensor:
-        """The guard's decision and rank 0's command count across ranks: every rank
-        reaches this once per step (one small all-reduce)."""
-        self._peer_commands = False
-        if not (self.ranks.distributed and self.config.sync_ranks):
-            return local_bad
+        """Under torch.distributed with sync_ranks, the guard's decision and rank 0's command
+        count across ranks: every rank reaches this once per step (one small all-reduce)."""
         self._synced_step = self.step
         flags = torch.stack([local_bad.float(), torch.tensor(float(n_commands), device=local_bad.device)])
         merged = distributed.any_rank(flags)
@@ -240,7 +256,9 @@ class StepMonitor:
 
     def recover(self) -> None:
         """After a failure inside before_step: join this step's collective if it was not reached
-        (so other ranks do not hang) and skip the step if any rank asked to."""
+        (so other ranks do not hang) and skip the step if any rank asked to. The probe's layout is
+        built afresh next step, in case it no longer fits the gradients (one changed shape or device)."""
+        self._layout = None
         if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
             device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
             if self._sync(torch.zeros((), device=device), 0).item():
@@ -253,9 +271,9 @@ class StepMonitor:
         self.commands.after_step(self.step)
         if self._before is None or self._skipping:
             return
-        present, before = self._before
+        present, layout, before = self._before
         self._before = None
-        self._ratio = _PendingRatio(present, probe.update_l1(before, [self.params[i] for i in present]))
+        self._ratio = _PendingRatio(present, probe.update_l1(before, [self.params[i] for i in present], layout))
 
     # -- the rare path -----------------------------------------------------------------
 

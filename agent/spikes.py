@@ -23,20 +23,44 @@ class SpikeGuard:
         self.sigma = sigma
         self.warmup = warmup
         self.norms: deque[float] = deque(maxlen=window)
+        # Mean and sum of squared deviations of `norms`, updated as values come and go
+        # (Welford's update, run both ways) and recomputed exactly once per window of records,
+        # so rounding cannot accumulate over a long run.
+        self._mean = 0.0
+        self._m2 = 0.0
+        self._until_exact = window
 
     def bound(self) -> float | None:
         """The largest acceptable global norm for the next step; None while warming up."""
         n = len(self.norms)
         if n < self.warmup:
             return None
-        mean = sum(self.norms) / n
-        std = math.sqrt(sum((x - mean) ** 2 for x in self.norms) / n)
-        return mean + self.sigma * std
+        return self._mean + self.sigma * math.sqrt(max(self._m2, 0.0) / n)
 
     def record(self, norm: float) -> None:
         """The global norm of a step applied unclipped."""
-        if math.isfinite(norm):
-            self.norms.append(norm)
+        if not math.isfinite(norm):
+            return
+        norms = self.norms
+        if len(norms) == norms.maxlen:
+            old = norms.popleft()
+            if norms:
+                mean = self._mean - (old - self._mean) / len(norms)
+                self._m2 -= (old - self._mean) * (old - mean)
+                self._mean = mean
+        norms.append(norm)
+        delta = norm - self._mean
+        self._mean += delta / len(norms)
+        self._m2 += delta * (norm - self._mean)
+        self._until_exact -= 1
+        if self._until_exact == 0:
+            self._exact()
+
+    def _exact(self) -> None:
+        n = len(self.norms)
+        self._mean = math.fsum(self.norms) / n if n else 0.0
+        self._m2 = math.fsum((x - self._mean) ** 2 for x in self.norms)
+        self._until_exact = self.norms.maxlen
 
     def state_dict(self) -> dict:
         return {"norms": list(self.norms)}
@@ -44,3 +68,4 @@ class SpikeGuard:
     def load_state_dict(self, state: dict) -> None:
         self.norms.clear()
         self.norms.extend(state["norms"])
+        self._exact()

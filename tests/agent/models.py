@@ -49,5 +49,21 @@ class SeqModel(nn.Module):
         return (torch.randint(0, 20, (batch, 7), generator=gen),)
 
 
+class Stacked(nn.Module):
+    """Many same-shape layers (the probe stacks them, in more than one stack on CPU) and a
+    large head (read on its own)."""
+
+    def __init__(self, width: int = 64, depth: int = 40, out: int = 300):
+        super().__init__()
+        self.blocks = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+        self.head = nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+    def example(self, gen: torch.Generator, batch: int = 8):
+        return (torch.randn(batch, self.head.in_features, generator=gen),)
+
+
 def loss_of(model: nn.Module, inputs) -> torch.Tensor:
     return model(*inputs).float().square().mean()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from gradwatch.agent.spikes import WARMUP
+from gradwatch.agent.spikes import WARMUP, SpikeGuard
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
 from tests.agent.models import MLP, loss_of
@@ -73,3 +73,19 @@ def test_no_spike_is_called_during_the_warm_up(attach):
             model.head.weight.grad.mul_(1e6)  # huge, but the guard has no history to judge it by yet
         opt.step()
     assert sample(agent, m.SPIKE_CLIPPED_STEPS_TOTAL) == 0
+
+
+def test_the_bound_follows_the_window_as_norms_come_and_go():
+    guard = SpikeGuard(6.0)
+    gen = torch.Generator().manual_seed(0)
+    # a calm regime, then a change of scale: the window's mean and σ are kept up to date, not recomputed
+    norms = torch.cat([torch.rand(300, generator=gen) + 1.0, 1e3 + torch.rand(300, generator=gen) * 1e-2]).tolist()
+    for i, norm in enumerate(norms):
+        guard.record(norm)
+        window = norms[max(0, i + 1 - WARMUP) : i + 1]
+        if len(window) < WARMUP:
+            assert guard.bound() is None
+            continue
+        mean = sum(window) / len(window)
+        std = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window))
+        assert guard.bound() == pytest.approx(mean + 6 * std, rel=1e-9), i

@@ -7,7 +7,7 @@ import torch
 
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
-from tests.agent.models import MLP, ConvNet, SeqModel, loss_of
+from tests.agent.models import MLP, ConvNet, SeqModel, Stacked, loss_of
 
 
 def reference_grad_stats(model) -> dict[str, dict[str, float]]:
@@ -31,7 +31,7 @@ def rtol_for(dtype) -> float:
     return {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
 
 
-@pytest.mark.parametrize("model_cls", [MLP, ConvNet, SeqModel])
+@pytest.mark.parametrize("model_cls", [MLP, ConvNet, SeqModel, Stacked])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_per_layer_gradient_stats_match_reference(attach, model_cls, dtype):
     torch.manual_seed(0)
@@ -63,10 +63,11 @@ def test_parameter_without_gradient_exports_no_gradient_stats(attach):
     assert sample(agent, m.GRAD_NORM, layer="embed.weight") > 0
 
 
+@pytest.mark.parametrize("model_cls", [MLP, Stacked])
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw"])
-def test_update_ratio_matches_applied_update(attach, optimizer):
+def test_update_ratio_matches_applied_update(attach, optimizer, model_cls):
     torch.manual_seed(0)
-    model = MLP()
+    model = model_cls()
     opt = (
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
         if optimizer == "sgd_momentum"
