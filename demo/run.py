@@ -32,7 +32,7 @@ from gradwatch.demo.timeline import Event, Timeline
 
 @dataclass(frozen=True)
 class Story:
-    time_scale: float = 1.0
+    time_scale: float = 10.0
     """How much faster than real time the watchdog's rules run (see gradwatch.demo.rules)."""
     overrides: dict = field(default_factory=dict)
     """Scenario settings for the demo (a longer run where the story needs one)."""
@@ -41,11 +41,12 @@ class Story:
 
 
 STORIES: dict[str, Story] = {
-    "exploding_rnn": Story(moral="The agent's guard held the first spikes locally, within the step; the watchdog's "
+    # Its policy lowers the LR 5 s after enabling clipping: at 10x, while the run still trains.
+    "exploding_rnn": Story(10.0, moral="The agent's guard held the first spikes locally, within the step; the watchdog's "
                        "policy then enabled clipping and lowered the learning rate, and the run ended close to the "
                        "same recipe clipped from step 0 (held-out loss 0.0030). Without gradwatch the same seed went "
                        "to NaN."),
-    "nan_batch": Story(moral="The guard skipped the poisoned step before the optimizer applied it (parameters and "
+    "nan_batch": Story(10.0, moral="The guard skipped the poisoned step before the optimizer applied it (parameters and "
                        "Adam's moments untouched) and the watchdog told the on-call channel. No remediation is "
                        "needed for a single bad record; a repeat (RepeatedNonFinite) would enable clipping and "
                        "lower the learning rate."),
@@ -75,7 +76,10 @@ class DemoOptions:
     out: Path = Path("gradwatch-demo")
     baseline: bool = True
     keep_running: bool = False
-    interval_s: float = 0.5
+    # A demo step takes ~7 ms: at the service's defaults (2-s scrapes, 1-s polls) a command would
+    # land 300+ steps after the alert, where a real run (~1 s a step) sees it within a few steps.
+    interval_s: float = 0.25
+    poll_s: float = 0.25
 
 
 @dataclass
@@ -129,6 +133,7 @@ def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink
     agent = gradwatch.agent.watch(sc.model, sc.optimizer, run=run, port=0, watchdog_url=wd.url,
                                   secret_file=str(wd.secret_file), **AGENT_SETTINGS)
     recorder, recovery = AgentRecorder(agent.telemetry), _Recovery()
+    _wait_until_scraped(wd, run)
     print(f"agent: metrics at {agent.url}; watchdog at {wd.url} (API docs {wd.url}/docs)\n")
     try:
         with Timeline(wd, run, sc.steps) as timeline:
@@ -141,7 +146,7 @@ def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink
                 recovery.check(timeline, recorder.trace)
                 timeline.tick(step + 1, _status(recorder.trace, agent.remedy.clipping_active))
             recorder.trace.final_loss = scenarios.evaluate(sc)
-            timeline.settle(3 * opts.interval_s + 1.5)  # the last round, notification and acknowledgement
+            timeline.settle(3 * opts.interval_s + 2 * opts.poll_s + 1.0)  # the last round, notification and acknowledgement
             sink.on_receive = None
         view = agent.telemetry.read()
         outcome = Outcome(recorder.trace, view.skipped["nonfinite"], sum(view.spike_clipped.values()),
@@ -151,6 +156,17 @@ def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink
     finally:
         agent.close()
     return outcome, timeline.events
+
+
+def _wait_until_scraped(wd: WatchdogProcess, run: str, timeout_s: float = 15.0) -> None:
+    """Train once the watchdog has scraped the run: a counter it first sees at 1 has no increase
+    (as in Prometheus), so a NaN step before the first scrape would go unseen by the counting rules."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(r["last_step"] is not None for r in wd.get("/api/v1/runs", run=run)):
+            return
+        time.sleep(0.05)
+    print(f"warning: the watchdog has not scraped {run} within {timeout_s:g} s; training anyway")
 
 
 def _notification(payload: dict) -> str:
@@ -225,8 +241,9 @@ def run_demo(opts: DemoOptions) -> int:
     started = time.monotonic()
     with NotificationSink(out / "notifications.jsonl") as sink:
         config = write_config(out / "watchdog.yaml", sink.url, time_scale)
-        with WatchdogProcess(out, config, opts.interval_s) as wd:
-            print(f"watchdog: `gradwatch serve` (pid {wd.pid}) on {wd.url}, scraping every {opts.interval_s:g} s")
+        with WatchdogProcess(out, config, opts.interval_s, opts.poll_s) as wd:
+            print(f"watchdog: `gradwatch serve` (pid {wd.pid}) on {wd.url}, scraping every {opts.interval_s:g} s, "
+                  f"agents polling every {opts.poll_s:g} s (demo steps take milliseconds)")
             watched, events = _train_watched(opts, overrides, wd, sink)
     (out / "timeline.txt").write_text("\n".join(f"{e.at:6.1f}s {e.step:>5}  {e.source:<9} {e.text}" for e in events) + "\n")
     watched.trace.save(out / "trace.json")

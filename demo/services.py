@@ -78,10 +78,11 @@ class WatchdogProcess:
     """``gradwatch serve`` in a child process (``config`` None: the default rule pack, no notifiers);
     ``url`` once started. Agents pass ``secret_file`` to ``watch()``. Stops on exit (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, workdir: Path, config: Path | None, interval_s: float) -> None:
+    def __init__(self, workdir: Path, config: Path | None, interval_s: float, poll_s: float | None = None) -> None:
         self.workdir = workdir
         self.config = config
         self.interval_s = interval_s
+        self.poll_s = poll_s  # how often agents are told to poll (None: the service's default, 1 s)
         self.secret_file = workdir / "command-secret"
         self.log_path = workdir / "watchdog.log"
         self.url = ""
@@ -99,12 +100,20 @@ class WatchdogProcess:
                      "--db", str(self.workdir / "gradwatch.db"), "--scrape-interval", f"{self.interval_s:g}",
                      *(["--config", str(self.config)] if self.config is not None else [])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**_environ(), "GRADWATCH_SECRET_FILE": str(self.secret_file)},
+                    env=self._environ(),
                 )
             if self._wait_healthy():
                 return self
             self.__exit__()
         raise RuntimeError(f"the watchdog did not start; its log:\n{self.log_path.read_text()[-2000:]}")
+
+    def _environ(self) -> dict[str, str]:
+        """The user's environment with this service's settings instead of any GRADWATCH_* there."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+        env["GRADWATCH_SECRET_FILE"] = str(self.secret_file)
+        if self.poll_s is not None:
+            env["GRADWATCH_POLL_INTERVAL"] = f"{self.poll_s:g}"
+        return env
 
     def _wait_healthy(self, timeout_s: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -138,6 +147,3 @@ class WatchdogProcess:
             process.wait()
 
 
-def _environ() -> dict[str, str]:
-    """The user's environment without GRADWATCH_* settings: the demo's watchdog uses its own."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
