@@ -25,7 +25,7 @@ import os
 from pydantic import Field
 
 from gradwatch.watchdog.notify.config import NOTIFIER_MODELS, Notifiers
-from gradwatch.watchdog.rules.loader import Problem, RulesError, load_rules, parse_document
+from gradwatch.watchdog.rules.loader import RulesError, load_rules, parse_document, read_file
 from gradwatch.watchdog.rules.models import RULE_MODELS, Rule, RulesFile
 
 class ConfigError(RulesError):
@@ -59,12 +59,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> WatchdogConfig:
     """
     if path is None:
         return WatchdogConfig()
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError([Problem("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from None
+    source, text = read_file(path, ConfigError)
     return parse_config(text, source)
 
 

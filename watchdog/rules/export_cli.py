@@ -10,12 +10,11 @@ and nothing is written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 from gradwatch.watchdog.config_file import ConfigError, WatchdogConfig
-from gradwatch.watchdog.rules.loader import Problem, load_rules, parse_document
+from gradwatch.watchdog.rules.loader import Problem, load_rules, parse_document, read_file
 from gradwatch.watchdog.rules.models import RULE_MODELS, RulesFile
 from gradwatch.watchdog.rules.promql import export_rules
 
@@ -67,12 +66,7 @@ def export_command(args: argparse.Namespace) -> int:
 def _load(path: str | None) -> RulesFile:
     if path is None:
         return load_rules(None)
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError([Problem("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from None
+    source, text = read_file(path, ConfigError)
     return parse_document(text, _RulesOfConfig, source, tagged=RULE_MODELS, error=ConfigError)
 
 

@@ -67,13 +67,18 @@ def load_rules(path_or_text: str | os.PathLike[str] | None = None) -> RulesFile:
         return parse_rules(text, source=f"{DEFAULT_RULES} (built-in)")
     if isinstance(path_or_text, str) and "\n" in path_or_text:
         return parse_rules(path_or_text)
-    path = os.fspath(path_or_text)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise RulesError([Problem("<file>", f"cannot read: {exc.strerror or exc}")], source=path) from None
+    path, text = read_file(path_or_text)
     return parse_rules(text, source=path)
+
+
+def read_file(path: str | os.PathLike[str], error: type[RulesError] = RulesError) -> tuple[str, str]:
+    """(source name, text) of a rules or config file; raises ``error`` naming the file if it cannot be read."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            return source, f.read()
+    except OSError as exc:
+        raise error([Problem("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from None
 
 
 def default_rules_text() -> str:
