@@ -108,23 +108,32 @@ class _Recovery:
 
     def __init__(self) -> None:
         self.done = False
+        self._reference: tuple[int, float | None] = (0, None)  # (incident step, median loss before it)
 
     def check(self, timeline: Timeline, trace: Trace) -> None:
         if self.done:
             return
-        incident = [e.step for e in timeline.events if e.kind in ("guard", "alert.firing")] + [s for s, _ in trace.guard]
+        incident = [e.step for e in timeline.events if e.kind == "alert.firing"] + [s for s, _ in trace.guard]
         acted = [e.step for e in timeline.events if e.kind == "command" and " applied " in e.text]
         acted += [s for s, what in trace.guard if what.startswith("NaN")]
         if not incident or not acted or trace.steps[-1] - max(acted) < RECOVERY_WINDOW:
             return
-        before = [v for v in trace.loss[: max(1, min(incident) - 1)][-RECOVERY_WINDOW:] if math.isfinite(v)]
+        reference = self._before(min(incident), trace)
         recent = trace.loss[-RECOVERY_WINDOW:]
-        if before and all(map(math.isfinite, recent)):
-            reference, mean = statistics.median(before), statistics.fmean(recent)
+        if reference is not None and all(map(math.isfinite, recent)):
+            mean = statistics.fmean(recent)
             if mean <= 1.05 * reference:
                 self.done = True
                 timeline.add("demo", "recovered", f"recovered: mean loss of the last {RECOVERY_WINDOW} steps {mean:.4g}, "
                              f"back at its level before the incident ({reference:.4g})")
+
+    def _before(self, incident: int, trace: Trace) -> float | None:
+        """Median finite loss of the steps just before ``incident`` (computed once per incident step)."""
+        if self._reference[0] != incident:
+            start = max(0, incident - 1 - RECOVERY_WINDOW)
+            before = [v for v in trace.loss[start : max(1, incident - 1)] if math.isfinite(v)]
+            self._reference = (incident, statistics.median(before) if before else None)
+        return self._reference[1]
 
 
 def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink: NotificationSink) -> tuple[Outcome, list[Event]]:

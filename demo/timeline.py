@@ -30,6 +30,7 @@ from gradwatch.demo.services import WatchdogProcess
 # Events wait this long before printing, so that the watchdog's (read over HTTP every 0.2 s)
 # and the agent's (immediate) come out in the order they happened.
 HOLD_S = 0.6
+BAR_EVERY_S = 0.1  # the progress bar is redrawn at most this often
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Timeline:
         self._poller = threading.Thread(target=self._poll_watchdog, name="demo-timeline", daemon=True)
         self._handler = _AgentLog(self)
         self._next_report = 0.25
+        self._next_draw = 0.0
         self.origin: tuple[str, int] | None = None  # (layer, step) where the agent first saw trouble
 
     # -- sources -------------------------------------------------------------------------
@@ -146,9 +148,9 @@ class Timeline:
                 continue
             after_id = entry["id"]
             text = _describe(entry)
-            if entry["kind"] == "alert.firing" and self.origin is not None and "layer" not in text:
-                text += f"; it started in layer {self.origin[0]} (the agent's guard, step {self.origin[1]})"
             if text is not None:
+                if entry["kind"] == "alert.firing" and self.origin is not None and "layer" not in text:
+                    text += f"; it started in layer {self.origin[0]} (the agent's guard, step {self.origin[1]})"
                 step = (entry.get("details") or {}).get("step") if entry["kind"] == "command.acked" else None
                 self.add("watchdog", entry["kind"], text, step, at=entry["time"])
         return after_id
@@ -158,8 +160,9 @@ class Timeline:
     def __enter__(self) -> Timeline:
         logger = logging.getLogger("gradwatch.agent")
         logger.addHandler(self._handler)
+        self._level, self._propagate = logger.level, logger.propagate
         logger.setLevel(logging.INFO)
-        self._propagate, logger.propagate = logger.propagate, False
+        logger.propagate = False
         self._poller.start()
         return self
 
@@ -170,7 +173,9 @@ class Timeline:
         self._status = status
         self._flush()
         if self.tty:
-            self._draw_bar()
+            if self._tick_at[-1] >= self._next_draw or step == self.total:  # a terminal write per step costs
+                self._next_draw = self._tick_at[-1] + BAR_EVERY_S
+                self._draw_bar()
         elif step / self.total >= self._next_report:  # a log file gets a progress line every quarter
             self._next_report += 0.25
             self._print(f"{'':>7} {step:>5}  {'progress':<9} {100 * step / self.total:3.0f}%  {status}")
@@ -216,4 +221,5 @@ class Timeline:
             self.out.flush()
         logger = logging.getLogger("gradwatch.agent")
         logger.removeHandler(self._handler)
+        logger.setLevel(self._level)
         logger.propagate = self._propagate
