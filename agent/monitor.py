@@ -28,7 +28,7 @@ from gradwatch.agent.throttle import Throttled
 
 log = logging.getLogger("gradwatch.agent")
 
-def _wide(device: torch.device) -> torch.dtype:
+def _norm_dtype(device: torch.device) -> torch.dtype:
     """float64 for the global norm where the device has it (Apple's MPS does not)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -111,7 +111,7 @@ class StepMonitor:
             norms = None
         # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
         # squares overflowed (in float64 here, so squaring finite float32 norms cannot overflow).
-        global_norm = torch.linalg.vector_norm(norms, dtype=_wide(norms.device)) if norms is not None else None
+        global_norm = torch.linalg.vector_norm(norms, dtype=_norm_dtype(norms.device)) if norms is not None else None
         nonfinite = probe.nonfinite_flag(grads) if global_norm is None and grads and self.config.guard else None
         any_bad = None  # None: this rank decides alone, on the host
         if self.ranks.distributed and self.config.sync_ranks:
