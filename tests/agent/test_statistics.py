@@ -52,6 +52,26 @@ def test_per_layer_gradient_stats_match_reference(attach, model_cls, dtype):
     assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(global_norm, rel=rtol_for(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensors_read_in_pieces_match_reference(attach, monkeypatch, dtype):
+    """A tensor larger than the probe's scratch buffer is read piece by piece (the last piece
+    shorter); its statistics must not depend on where the pieces end."""
+    from gradwatch.agent import probe
+
+    monkeypatch.setattr(probe, "SCRATCH_ELEMENTS", 1000)
+    torch.manual_seed(0)
+    model = MLP(width=64, depth=1).to(dtype)  # every shape once: each tensor read alone, not stacked
+    assert max(p.numel() for p in model.parameters()) > 2 * probe.SCRATCH_ELEMENTS
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = attach(model, opt, every=1, detail_every=1)
+    loss_of(model, [t.to(dtype) for t in model.example(torch.Generator().manual_seed(1))]).backward()
+    expected = reference_grad_stats(model)
+    opt.step()
+    for layer, values in expected.items():
+        for metric, want in values.items():
+            assert sample(agent, metric, layer=layer) == pytest.approx(want, rel=rtol_for(dtype)), (layer, metric)
+
+
 def test_parameter_without_gradient_exports_no_gradient_stats(attach):
     model = SeqModel()
     opt = torch.optim.Adam(model.parameters())
