@@ -172,12 +172,10 @@ class StepMonitor:
             # min |g| is measured on detail steps only; other steps show the last measurement
             layers = self.layer_map.fold_stats(present, rows, abs_min=None if detail else self._min)
             if detail:
-                self._min = {k: v.grad_abs_min for k, v in layers.items()}
+                self._min = dict(zip(layers, layers.column("grad_abs_min")))
             updates["layers"] = layers
             remedy.observe_healthy(
-                values["global_norm"],
-                max(v.grad_norm for v in layers.values()),
-                max(v.grad_abs_max for v in layers.values()),
+                values["global_norm"], max(layers.column("grad_norm")), max(layers.column("grad_abs_max"))
             )
         elif sampled:
             remedy.observe_healthy(values["global_norm"], None, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gradwatch.agent.layers import LayerValues
@@ -32,7 +33,7 @@ class View:
     lr_scale: float = 1.0
     clipping_active: bool = False
     clip_threshold: float | None = None
-    layers: dict[str, LayerValues] = field(default_factory=dict)
+    layers: Mapping[str, LayerValues] = field(default_factory=dict)  # replaced whole, never changed: shared
     update_ratio: dict[str, float] = field(default_factory=dict)
     depth: dict[str, int] = field(default_factory=dict)
     nonfinite: Counter = field(default_factory=Counter)  # (layer, kind) -> elements
@@ -96,7 +97,7 @@ class Telemetry:
                 lr_scale=v.lr_scale,
                 clipping_active=v.clipping_active,
                 clip_threshold=v.clip_threshold,
-                layers=dict(v.layers),
+                layers=v.layers,
                 update_ratio=dict(v.update_ratio),
                 depth=v.depth,
                 nonfinite=Counter(v.nonfinite),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class AgentRecorder:
     def __init__(self, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
         self.trace = Trace()
-        self._last_layers: dict = {}
+        self._last_layers: Mapping = {}
         self._last_ratio: dict = {}
         self._guarded = (0, 0)
 
@@ -77,7 +78,7 @@ class AgentRecorder:
         if guarded[1] > self._guarded[1]:
             t.guard.append((step, "NaN/Inf step skipped"))
         self._guarded = guarded
-        if view.layers != self._last_layers:
+        if view.layers is not self._last_layers:  # a new sampled step's table
             self._last_layers = view.layers
             for layer, values in view.layers.items():
                 t.layer_norms.setdefault(layer, []).append((step, values.grad_norm))
