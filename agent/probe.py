@@ -9,10 +9,10 @@ A :class:`Layout` says how to walk one list of tensors; the monitor builds it on
 and reuses it every step. Kernel choice (measured by ``benchmarks/``, FIELD_NOTES §2):
 on CUDA the multi-tensor ``torch._foreach_norm`` kernels cover L2, L1 and max in a
 few launches. On CPU each op costs a few µs of dispatch whatever its size, which
-outweighs reading a small tensor: small tensors of one shape are stacked (one copy,
-in stacks of at most ``STACK_MAX_BYTES``) so that one reduction per statistic covers
-a whole stack (the L2 norms of the 406-tensor benchmark model: 0.21 ms instead of
-0.53 ms with ``_foreach_norm``; all five statistics 0.56 ms). Larger tensors are read
+outweighs reading a small tensor: small tensors of one shape are stacked (one copy into
+a buffer the layout keeps, in stacks of at most ``STACK_MAX_BYTES``) so that one reduction
+per statistic covers a whole stack (the L2 norms of the 406-tensor benchmark model: 0.12 ms
+instead of 0.44 ms with ``_foreach_norm``; all five statistics 0.40 ms). Larger tensors are read
 one by one: ``_foreach_norm`` for L2, then ``abs`` written into a buffer the layout keeps
 (see :class:`_Scratch`) followed by ``sum``, ``amax`` and ``amin`` (``_foreach_norm`` with
 ord=1 or inf is 3–12× slower than ord=2 on CPU, ``vector_norm(ord=1)`` 3× slower than this).
@@ -20,7 +20,7 @@ ord=1 or inf is 3–12× slower than ord=2 on CPU, ``vector_norm(ord=1)`` 3× sl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,11 +29,17 @@ from torch import Tensor
 GRAD_NORM, GRAD_L1, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM = range(5)
 N_COLUMNS = 5
 
-STACK_MAX_BYTES = 128 * 1024
-"""The largest stack of same-shape CPU tensors. Up to this size the allocator reuses freed
-memory (glibc's default mmap threshold); a larger temporary may come as fresh pages each step,
-whose page faults cost more than the copy (measured: stacking 100 16-KB gradients at once
-took 1.9 ms and ~900 page faults, in stacks of 8 0.7 ms and none)."""
+STACK_MAX_BYTES = 4 * 1024 * 1024
+"""The largest stack of same-shape CPU tensors. Each stack is copied into a buffer of its own,
+allocated once: a fresh temporary over glibc's mmap threshold (128 KB) comes as fresh pages each
+step, whose page faults cost more than the copy (stacking 100 16-KB gradients into a fresh
+tensor: 1.9 ms and ~900 page faults; all five statistics of the 406-tensor model: 0.88 ms in
+fresh 4-MB stacks, 0.62 ms in fresh 128-KB stacks, 0.40 ms in kept 4-MB stacks)."""
+
+STACKABLE_BYTES = 128 * 1024
+"""Only tensors up to this size are stacked, and all stacks of one list hold at most
+``STACKED_MAX_BYTES``: the kept buffers are a copy of a model's small tensors, not of the model."""
+STACKED_MAX_BYTES = 64 * 1024 * 1024
 
 SCRATCH_ELEMENTS = 1 << 20
 """The largest piece of one tensor whose |g| is written to the scratch buffer at a time (4 MB in
@@ -51,13 +57,24 @@ class _Group:
     stacked: bool
     on_cpu: bool
     acc: torch.dtype
+    buffers: dict[str, Tensor] = field(default_factory=dict, compare=False)  # a stacked group's kept copies
+
+    def rows(self, tensors: list[Tensor], role: str) -> Tensor:
+        """``tensors`` (this stacked group's, all of one shape) as ``[k, numel]``, copied into the
+        group's buffer for ``role``: the caller may change it in place until its next call."""
+        buffer = self.buffers.get(role)
+        if buffer is None:
+            t = tensors[0]
+            buffer = self.buffers[role] = torch.empty((len(tensors), *t.shape), dtype=t.dtype, device=t.device)
+        return torch.stack(tensors, out=buffer).view(len(tensors), -1)
 
 
 class _Grouping:
     """One split of a list of tensors into groups, and the way back to the list's order.
 
-    CPU tensors of one shape and dtype are stacked, up to ``STACK_MAX_BYTES`` a stack, where
-    a stack holds at least ``min_stack`` of them; the rest go in one group per device.
+    CPU tensors of one shape and dtype, each at most ``STACKABLE_BYTES``, are stacked, up to
+    ``STACK_MAX_BYTES`` a stack and ``STACKED_MAX_BYTES`` in all, where a stack holds at least
+    ``min_stack`` of them; the rest go in one group per device.
     """
 
     def __init__(self, tensors: list[Tensor], min_stack: int) -> None:
@@ -65,6 +82,7 @@ class _Grouping:
         for i, t in enumerate(tensors):
             by_device.setdefault(t.device, []).append(i)
         self.groups: list[_Group] = []
+        room = STACKED_MAX_BYTES
         for device, index in by_device.items():
             shapes: dict[tuple, list[int]] = {}
             alone = []
@@ -76,11 +94,13 @@ class _Grouping:
                     alone.append(i)
             for group in shapes.values():
                 t = tensors[group[0]]
-                per_stack = max(STACK_MAX_BYTES // max(t.numel() * t.element_size(), 1), 1)
+                size = max(t.numel() * t.element_size(), 1)
+                per_stack = max(STACK_MAX_BYTES // size, 1)
                 for start in range(0, len(group), per_stack):
                     chunk = group[start : start + per_stack]
-                    if len(chunk) >= min_stack:
+                    if len(chunk) >= min_stack and size <= STACKABLE_BYTES and len(chunk) * size <= room:
                         self.groups.append(_Group(chunk, True, True, _acc(t.dtype)))
+                        room -= len(chunk) * size
                     else:
                         alone += chunk
             if alone:
@@ -163,7 +183,7 @@ def _wide(tensors: list[Tensor]) -> torch.dtype:
 
 
 def _rows(tensors: list[Tensor]) -> Tensor:
-    """Same-shape tensors as one ``[k, numel]`` tensor (a copy)."""
+    """Same-shape tensors as one new ``[k, numel]`` tensor (a copy that outlives the step)."""
     return torch.stack(tensors).reshape(len(tensors), -1)
 
 
@@ -173,7 +193,7 @@ def _foreach(tensors: list[Tensor], ord: float, acc: torch.dtype | None = None) 
 
 def _l2(grads: list[Tensor], group: _Group) -> Tensor:
     if group.stacked:
-        return torch.linalg.vector_norm(_rows(grads), dim=1, dtype=group.acc)
+        return torch.linalg.vector_norm(group.rows(grads, "grads"), dim=1, dtype=group.acc)
     return _foreach(grads, 2.0, group.acc)
 
 
@@ -181,11 +201,12 @@ def _grad_block(grads: list[Tensor], params: list[Tensor], group: _Group, scratc
     """``[k, N_COLUMNS]`` statistics of one group."""
     nan = float("nan")
     if group.stacked:
-        rows = _rows(grads)
-        a = rows.abs()
-        weights = _rows(params)
+        rows = group.rows(grads, "grads")
+        l2 = torch.linalg.vector_norm(rows, dim=1, dtype=group.acc)
+        a = rows.abs_()  # the group's own copy
+        weights = group.rows(params, "params")
         cols = [
-            torch.linalg.vector_norm(rows, dim=1, dtype=group.acc),
+            l2,
             a.sum(1, dtype=group.acc),
             a.amax(1),
             a.amin(1) if with_min else torch.full_like(a[:, 0], nan),
@@ -249,7 +270,7 @@ def update_l1(before: list, after: list[Tensor], layout: Layout) -> Tensor:
     for copy, now, group in zip(before, stats.split(after), stats.groups):
         if group.stacked:
             weight = copy.abs().sum(1, dtype=_acc(copy.dtype))
-            delta = copy.sub_(_rows(now)).abs_().sum(1, dtype=_acc(copy.dtype))
+            delta = copy.sub_(group.rows(now, "params")).abs_().sum(1, dtype=_acc(copy.dtype))
         elif group.on_cpu:
             # One by one, each copy read again while in cache; in place, since a temporary the size
             # of a large parameter can cost more in page faults than its arithmetic.

@@ -50,8 +50,7 @@ class SeqModel(nn.Module):
 
 
 class Stacked(nn.Module):
-    """Many same-shape layers (the probe stacks them, in more than one stack on CPU) and a
-    large head (read on its own)."""
+    """Many same-shape layers (the probe stacks them on CPU) and a large head (read on its own)."""
 
     def __init__(self, width: int = 64, depth: int = 40, out: int = 300):
         super().__init__()

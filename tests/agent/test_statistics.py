@@ -72,6 +72,43 @@ def test_large_tensors_read_in_pieces_match_reference(attach, monkeypatch, dtype
             assert sample(agent, metric, layer=layer) == pytest.approx(want, rel=rtol_for(dtype)), (layer, metric)
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"STACK_MAX_BYTES": 5 * 64 * 64 * 4},  # the 40 same-shape weights in stacks of 5
+        {"STACKED_MAX_BYTES": 12 * 64 * 64 * 4},  # room for some stacks; the rest read one by one
+        {"STACKABLE_BYTES": 64 * 4},  # only the biases stacked
+    ],
+    ids=["several-stacks", "capped-total", "small-only"],
+)
+def test_values_do_not_depend_on_how_tensors_are_stacked(attach, monkeypatch, limits):
+    from gradwatch.agent import probe
+
+    for name, value in limits.items():
+        monkeypatch.setattr(probe, name, value)
+    torch.manual_seed(0)
+    model = Stacked()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    agent = attach(model, opt, every=1, detail_every=1)
+    gen = torch.Generator().manual_seed(1)
+    loss_of(model, model.example(gen)).backward()
+    expected = reference_grad_stats(model)
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    opt.step()
+    ratio = {
+        n: (p.detach().double() - before[n]).abs().mean().item() / before[n].abs().mean().item()
+        for n, p in model.named_parameters()
+    }
+    for layer, values in expected.items():
+        for metric, want in values.items():
+            assert sample(agent, metric, layer=layer) == pytest.approx(want, rel=1e-5), (layer, metric)
+    opt.zero_grad()
+    loss_of(model, model.example(gen)).backward()
+    opt.step()  # the first step's update ratio reaches the host with this step's transfer
+    for layer, want in ratio.items():
+        assert sample(agent, m.UPDATE_RATIO, layer=layer) == pytest.approx(want, rel=1e-5), layer
+
+
 def test_parameter_without_gradient_exports_no_gradient_stats(attach):
     model = SeqModel()
     opt = torch.optim.Adam(model.parameters())
