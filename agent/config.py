@@ -27,7 +27,7 @@ class AgentConfig(BaseModel):
         description="Measure per-layer statistics every N optimizer steps. Spikes do not depend on it: with "
         "the guard on, the global norm and the loss are measured every step. Per-layer statistics serve the "
         "slow pathologies (vanishing, update-ratio drift); on CPU a sampled step of a 400-tensor model costs "
-        "about a tenth of a step more (benchmarks/), so 50 keeps that near 0.2 %.",
+        "3-7 % of a step more than an unsampled one (benchmarks/), so 50 keeps that near 0.1 %.",
     )
     detail_every: int = Field(
         default=250,

@@ -23,7 +23,7 @@ OTHER = "_other"
 
 
 class LayerValues(NamedTuple):
-    """What one exported layer shows; NaN where not measured (a tuple: hundreds are built per sampled step)."""
+    """What one exported layer shows; NaN where not measured (a tuple: a scrape builds hundreds)."""
 
     grad_norm: float
     grad_abs_mean: float

@@ -13,9 +13,10 @@ outweighs reading a small tensor: small tensors of one shape are stacked (one co
 a buffer the layout keeps, in stacks of at most ``STACK_MAX_BYTES``) so that one reduction
 per statistic covers a whole stack (the L2 norms of the 406-tensor benchmark model: 0.12 ms
 instead of 0.44 ms with ``_foreach_norm``; all five statistics 0.40 ms). Larger tensors are read
-one by one: ``_foreach_norm`` for L2, then ``abs`` written into a buffer the layout keeps
-(see :class:`_Scratch`) followed by ``sum``, ``amax`` and ``amin`` (``_foreach_norm`` with
+one by one: ``abs`` written into a buffer the layout keeps (see :class:`_Scratch`), then the L2
+norm, ``sum``, ``amax`` and ``amin`` of that buffer while it is in cache (``_foreach_norm`` with
 ord=1 or inf is 3–12× slower than ord=2 on CPU, ``vector_norm(ord=1)`` 3× slower than this).
+The guard's every-step L2 norms of such tensors come from ``_foreach_norm``.
 """
 
 from __future__ import annotations
