@@ -46,7 +46,6 @@ Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(for
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 
 
-
 def parse_seconds(value: Any) -> float:
     """A number of seconds (``90``, ``"90"``) or a Prometheus duration: the looser form used by the
     notifiers and the service settings, where a plain number has always meant seconds."""
@@ -62,3 +61,7 @@ def parse_seconds(value: Any) -> float:
         except PydanticCustomError:
             pass
     raise ValueError(f"{value!r} is not a duration: use e.g. '30s', '5m', '1h30m', '4h' or a number of seconds")
+
+
+PositiveSeconds = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
+"""Seconds, as a float, from a number or a duration string (notifiers and service settings)."""

@@ -20,12 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
 from gradwatch.watchdog.commands import CommandLimits
 from gradwatch.watchdog.schema import read_secret
-from gradwatch.watchdog.durations import parse_seconds
+from gradwatch.watchdog.durations import PositiveSeconds
 
 DEFAULT_PORT = 9400
-
-
-Duration = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
 
 
 def _lower(value: Any) -> Any:
@@ -50,18 +47,18 @@ class Settings(BaseSettings):
         "working directory). Keep it across restarts: it is what lets a restarted watchdog keep firing "
         "alerts and not re-notify. ':memory:' keeps nothing.",
     )
-    scrape_interval: Duration = Field(
+    scrape_interval: PositiveSeconds = Field(
         2.0,
         description="Seconds between two rounds of scrape (or Prometheus query) + rule evaluation. 2 s because "
         "an explosion goes from healthy to NaN within a few dozen steps; the default rule pack's `for` "
         "durations assume it.",
     )
-    scrape_timeout: Duration | None = Field(
+    scrape_timeout: PositiveSeconds | None = Field(
         None,
         description="Seconds one round's source may take: each agent's scrape, or the Prometheus query. "
         "None: the scrape interval.",
     )
-    stale_after: Duration = Field(
+    stale_after: PositiveSeconds = Field(
         60.0, description="A registered run that has not answered a scrape for this long is marked stale (never deleted)."
     )
     prometheus_url: HttpUrl | None = Field(
@@ -72,7 +69,7 @@ class Settings(BaseSettings):
     prometheus_bearer_token: SecretStr | None = Field(None, description="Bearer token sent to prometheus_url.")
     prometheus_username: str | None = Field(None, description="Basic-auth user for prometheus_url (with the password).")
     prometheus_password: SecretStr | None = Field(None, description="Basic-auth password for prometheus_url.")
-    resend_delay: Duration = Field(
+    resend_delay: PositiveSeconds = Field(
         DEFAULT_RESEND_DELAY_S,
         description="Minimum seconds between two hand-overs of a still-firing alert to the notifiers "
         "(Prometheus's --rules.alert.resend-delay); each notifier's repeat_interval then decides what is sent.",
@@ -89,12 +86,12 @@ class Settings(BaseSettings):
     )
     secret_file: Path | None = Field(None, description="File holding the shared secret (wins over `secret`).")
     max_commands_per_run: int = Field(6, ge=1, description="Rule- and Alertmanager-triggered commands per run per command_window.")
-    command_window: Duration = Field(600.0, description="The window of max_commands_per_run.")
-    command_cooldown: Duration = Field(
+    command_window: PositiveSeconds = Field(600.0, description="The window of max_commands_per_run.")
+    command_cooldown: PositiveSeconds = Field(
         15.0, description="Minimum seconds between two triggered commands with the same action for one run."
     )
-    command_ttl: Duration = Field(120.0, description="A command no agent picked up within this long expires.")
-    poll_interval: Duration = Field(1.0, description="How often agents are told to poll for commands.")
+    command_ttl: PositiveSeconds = Field(120.0, description="A command no agent picked up within this long expires.")
+    poll_interval: PositiveSeconds = Field(1.0, description="How often agents are told to poll for commands.")
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = Field(
         "info", description="Log verbosity."
     )

@@ -32,7 +32,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     HttpUrl,
@@ -42,10 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from gradwatch.watchdog.durations import parse_seconds
-
-Duration = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
-"""Seconds, as a float; written in YAML as ``4h``, ``90s`` or a plain number."""
+from gradwatch.watchdog.durations import PositiveSeconds
 
 
 class _Section(BaseModel):
@@ -85,10 +81,10 @@ class _NotifierBase(_Section):
     send_resolved: bool = Field(
         default=True, description="Also notify when an alert resolves (only alerts this notifier was told about)."
     )
-    repeat_interval: Duration = Field(
+    repeat_interval: PositiveSeconds = Field(
         default=4 * 3600.0, description="Re-send a still-firing alert after this long (Alertmanager's repeat_interval)."
     )
-    timeout: Duration = Field(default=10.0, description="HTTP timeout of one delivery attempt.")
+    timeout: PositiveSeconds = Field(default=10.0, description="HTTP timeout of one delivery attempt.")
 
     @model_validator(mode="before")
     @classmethod
@@ -112,7 +108,7 @@ class AlertmanagerConfig(_NotifierBase):
     url: HttpUrl = Field(description="Alertmanager base URL, e.g. http://alertmanager:9093 (alerts go to <url>/api/v2/alerts).")
     basic_auth: BasicAuth | None = None
     bearer_token: SecretStr | None = Field(default=None, description="Or `bearer_token_env: VAR`.")
-    repeat_interval: Duration = Field(
+    repeat_interval: PositiveSeconds = Field(
         default=60.0,
         description="How often a firing alert is re-posted to keep it alive in Alertmanager (at most 5m). "
         "How often humans are re-notified is Alertmanager's own route repeat_interval.",
