@@ -169,10 +169,12 @@ def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink
 
 def _wait_until_scraped(wd: WatchdogProcess, run: str, timeout_s: float = 15.0) -> None:
     """Train once the watchdog has scraped the run: a counter it first sees at 1 has no increase
-    (as in Prometheus), so a NaN step before the first scrape would go unseen by the counting rules."""
+    (as in Prometheus), so a NaN step before the first scrape would go unseen by the counting rules.
+    A run is seen at registration too (with its step), so only ``last_seen`` moving past
+    ``registered_at`` tells a scrape."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(r["last_step"] is not None for r in wd.get("/api/v1/runs", run=run)):
+        if any(r["last_seen"] > r["registered_at"] for r in wd.get("/api/v1/runs", run=run)):
             return
         time.sleep(0.05)
     print(f"warning: the watchdog has not scraped {run} within {timeout_s:g} s; training anyway")
