@@ -37,8 +37,8 @@ class AgentConfig(BaseModel):
     )
     guard: bool = Field(
         default=True,
-        description="Check every step for NaN/Inf gradients and skip such steps. Costs one fused "
-        "read of the gradients and one host sync per step (as GradScaler does).",
+        description="Check every step for NaN/Inf gradients and skip such steps. Costs one read of the "
+        "gradients (their L2 norms, which also give the global norm) and one host sync per step (as GradScaler does).",
     )
     spike_sigma: float | None = Field(
         default=6.0,

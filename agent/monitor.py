@@ -88,13 +88,12 @@ class StepMonitor:
         self._skipping = False
         self._before = None
         self._peer_commands = False
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):  # some got no gradient (not `None in grads`: that calls Tensor.__eq__)
-            present = [i for i, g in enumerate(grads) if g is not None]
-            grads = [grads[i] for i in present]
-            params = [self.params[i] for i in present]
-        else:
+        grads = [g for p in self.params if (g := p.grad) is not None]
+        if len(grads) == len(self.params):
             present, params = self._all, self.params
+        else:  # some got no gradient
+            present = [i for i, p in enumerate(self.params) if p.grad is not None]
+            params = [self.params[i] for i in present]
         device = grads[0].device if grads else torch.device("cpu")
         commands = self.commands.take()
         sampled = bool(grads) and self.step % self.config.every == 0
@@ -105,26 +104,24 @@ class StepMonitor:
         stats = probe.grad_stats(grads, params, layout, with_min=detail) if sampled and self.per_layer else None
         if stats is not None:
             norms = stats[:, probe.GRAD_NORM]
-        elif grads and (sampled or remedy.clipping_active or self.spikes is not None):
+        elif grads and (sampled or remedy.clipping_active or self.config.guard):
+            # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
+            # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
             norms = probe.l2_norms(grads, layout)
         else:
             norms = None
         # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
         # squares overflowed (in float64 here, so squaring finite float32 norms cannot overflow).
         global_norm = torch.linalg.vector_norm(norms, dtype=_norm_dtype(norms.device)) if norms is not None else None
-        nonfinite = probe.nonfinite_flag(grads) if global_norm is None and grads and self.config.guard else None
         any_bad = None  # None: this rank decides alone, on the host
         if self.ranks.distributed and self.config.sync_ranks:
-            if global_norm is not None:
-                local_bad = (~torch.isfinite(global_norm)).float()
-            else:
-                local_bad = nonfinite if nonfinite is not None else torch.zeros((), device=device)
+            local_bad = (~torch.isfinite(global_norm)).float() if global_norm is not None else torch.zeros((), device=device)
             any_bad = self._sync(local_bad, len(commands))
         if self._peer_commands:
             commands = self.commands.broadcast(commands)
         if commands:
             self.commands.apply(commands, self.step)
-        if not grads or (norms is None and not self.config.guard):
+        if norms is None:
             self.telemetry.update(step=self.step)
             self._clip_and_scale(grads, norms, present)
             return
@@ -135,7 +132,6 @@ class StepMonitor:
             name: value.to(device)
             for name, value in (
                 ("global_norm", global_norm),
-                ("nonfinite", nonfinite),
                 ("any_bad", any_bad),
                 ("loss", self._loss),
                 ("loss_max", self._loss_max),
@@ -161,7 +157,7 @@ class StepMonitor:
             self.telemetry.record_peak("loss", values["loss_max"])
         if "clip_threshold" in values:
             updates["clip_threshold"] = values["clip_threshold"]
-        local_bad = not math.isfinite(values["global_norm"]) if norms is not None else bool(values["nonfinite"])
+        local_bad = not math.isfinite(values["global_norm"])
         if values.get("any_bad", local_bad):
             self.telemetry.update(**updates)
             self._skip(present, grads, local=local_bad)
@@ -182,13 +178,11 @@ class StepMonitor:
         if ratio is not None:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
-        if norms is not None:
-            updates["grad_global_norm"] = values["global_norm"]
-            self.telemetry.record_peak("grad_global_norm", values["global_norm"])
+        updates["grad_global_norm"] = values["global_norm"]
+        self.telemetry.record_peak("grad_global_norm", values["global_norm"])
         if detail and self.per_layer:
             self._before = (present, layout, probe.snapshot(params, layout))
-        if norms is not None:
-            self._hold_spike(grads, norms, values["global_norm"], present)
+        self._hold_spike(grads, norms, values["global_norm"], present)
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)

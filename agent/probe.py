@@ -289,25 +289,6 @@ def update_l1(before: list, after: list[Tensor], layout: Layout) -> Tensor:
 
 
 @torch.no_grad()
-def nonfinite_flag(grads: list[Tensor]) -> Tensor:
-    """0-d float32 tensor: 1.0 if any gradient element is NaN or ±Inf, else 0.0.
-
-    Uses the fused kernel ``GradScaler`` uses, with an unscale factor of exactly 1.0
-    (which leaves every finite value bit-identical). It reads each gradient once
-    and is cheaper than an L2-norm pass, so it can run on every step.
-    """
-    found = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, _), group in groups.items():
-        local = torch.zeros(1, dtype=torch.float32, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, local, torch.ones(1, device=dev))
-        found = torch.maximum(found, local.to(found.device))
-    return found[0]
-
-
-@torch.no_grad()
 def nonfinite_counts(grads: list[Tensor]) -> Tensor:
     """``[n, 2]`` int64: NaN and ±Inf element counts per layer (run only on the rare skip path)."""
     return torch.stack(

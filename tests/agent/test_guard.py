@@ -30,13 +30,14 @@ def poison(inputs):
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("every", [1, 5])  # sampled and unsampled steps take different guard paths
-def test_nan_batch_is_skipped_as_if_dropped(attach, name, every):
+@pytest.mark.parametrize("spike_sigma", [6.0, None])  # with and without the spike guard beside it
+def test_nan_batch_is_skipped_as_if_dropped(attach, name, every, spike_sigma):
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)
     opt = OPTIMIZERS[name](model.parameters())
     ref_opt = OPTIMIZERS[name](reference.parameters())
-    agent = attach(model, opt, every=every)
+    agent = attach(model, opt, every=every, spike_sigma=spike_sigma)
     data = batches(model, 12)
     bad = 6
 
