@@ -45,7 +45,12 @@ def _named_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
             "gradwatch.watch: the optimizer holds none of the model's parameters; "
             "pass the optimizer built from this model's parameters"
         )
-    return params, labels
+    # A parameter with no elements has no gradient values to measure or guard (and would make every
+    # reduction of its statistics fail): it gets no layer label. A skipped step still clears its gradient.
+    kept = [(p, label) for p, label in zip(params, labels) if p.numel() > 0]
+    if not kept:
+        raise ValueError("gradwatch.watch: every parameter the optimizer holds has zero elements; nothing to watch")
+    return [p for p, _ in kept], [label for _, label in kept]
 
 
 class Agent:

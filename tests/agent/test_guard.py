@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+import gradwatch.agent
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
 from tests.agent.models import MLP, SeqModel, loss_of
@@ -128,3 +129,44 @@ def test_guard_off_applies_nonfinite_steps(attach):
     model.head.weight.grad[0, 0] = float("nan")
     opt.step()
     assert torch.isnan(model.head.weight).any()  # what happens without gradwatch's guard
+
+
+class WithEmptyParameter(MLP):
+    """An MLP that also holds a parameter with no elements (which still gets an empty gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = torch.nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
+def test_parameter_without_elements_is_left_unwatched(attach, caplog):
+    torch.manual_seed(0)
+    model = WithEmptyParameter()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2)
+    agent = attach(model, opt, every=1, detail_every=1)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for i, inputs in enumerate(batches(model, 6)):
+            opt.zero_grad()
+            loss_of(model, poison(inputs) if i == 3 else inputs).backward()
+            opt.step()
+            if i != 3:
+                ref_opt.zero_grad()
+                loss_of(reference, inputs).backward()
+                ref_opt.step()
+    assert "monitoring failed" not in caplog.text  # statistics and guard ran on every step
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+    assert sample(agent, m.GRAD_NORM, layer="head.weight") is not None
+    assert sample(agent, m.GRAD_NORM, layer="empty") is None
+    for p, q in zip(model.parameters(), reference.parameters()):  # the skip left even the empty one's Adam step count
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+def test_model_of_only_empty_parameters_is_refused():
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(3, 0))])
+    with pytest.raises(ValueError, match="zero elements"):
+        gradwatch.agent.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), run="t", port=0)
