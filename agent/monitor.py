@@ -134,7 +134,7 @@ class StepMonitor:
         zclip = remedy.zclip.threshold() if remedy.zclip is not None else None
         # The head of this step's host transfer: the scalars there are, by name. A loss observed
         # once since the last transfer is its own maximum and travels once. Each op here runs on
-        # every step, after the backward pass has left the caches cold (about 20 µs each).
+        # every step, after the backward pass has left the caches cold (several µs each).
         loss, loss_max = self._loss, self._loss_max
         named = [
             (name, value)

@@ -535,7 +535,7 @@ def profile_agent(workload: Workload, device: torch.device, settings: dict, cloc
 
     Each gradient is read from Python once, untimed, before the hook: the first read creates
     its Python object, a cost the optimizer pays when the agent does not (with 406 tensors
-    about 0.5 ms, which would otherwise be charged to the agent's own time)."""
+    0.1-0.25 ms inside the training loop, which would otherwise be charged to the agent's own time)."""
     import gradwatch.agent
 
     torch.manual_seed(0)

@@ -64,5 +64,16 @@ class Stacked(nn.Module):
         return (torch.randn(batch, self.head.in_features, generator=gen),)
 
 
+class WithEmptyParameter(MLP):
+    """An MLP that also holds a parameter with no elements (which still gets an empty gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
 def loss_of(model: nn.Module, inputs) -> torch.Tensor:
     return model(*inputs).float().square().mean()

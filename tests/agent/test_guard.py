@@ -9,7 +9,7 @@ import torch
 import gradwatch.agent
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
-from tests.agent.models import MLP, SeqModel, loss_of
+from tests.agent.models import MLP, SeqModel, WithEmptyParameter, loss_of
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
@@ -129,17 +129,6 @@ def test_guard_off_applies_nonfinite_steps(attach):
     model.head.weight.grad[0, 0] = float("nan")
     opt.step()
     assert torch.isnan(model.head.weight).any()  # what happens without gradwatch's guard
-
-
-class WithEmptyParameter(MLP):
-    """An MLP that also holds a parameter with no elements (which still gets an empty gradient)."""
-
-    def __init__(self):
-        super().__init__()
-        self.empty = torch.nn.Parameter(torch.zeros(0))
-
-    def forward(self, x):
-        return super().forward(x) + self.empty.sum()
 
 
 def test_parameter_without_elements_is_left_unwatched(attach, caplog):
