@@ -32,6 +32,12 @@ class Registration(_Strict):
     step: int = Field(default=0, ge=0, description="Optimizer step at registration (a resumed run is past 0).")
     pid: int | None = None
     hostname: str | None = None
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{8,64}$",
+        description="Random id the agent draws once at attach: it names this agent process, so a registration "
+        "or deregistration of a live run from anyone else can be told apart from its own.",
+    )
 
 
 # -- commands --------------------------------------------------------------------------
