@@ -77,8 +77,10 @@ class Remediation:
         if isinstance(spec, LowerLR):
             return self._lower_lr(spec)
         if isinstance(spec, RestoreLR):
-            self.lr_scale, self.min_lr = 1.0, None
-            return "learning-rate scale restored to 1"
+            self.lr_scale = 1.0 if spec.factor is None else min(1.0, self.lr_scale * spec.factor)
+            if self.lr_scale == 1.0:
+                self.min_lr = None
+            return f"learning-rate scale restored to {self.lr_scale:g}"
         if isinstance(spec, EnableClipping):
             return self._enable_clipping(spec)
         if isinstance(spec, DisableClipping):

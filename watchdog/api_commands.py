@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradwatch.watchdog.api_auth import bearer_secret, signed_request
 from gradwatch.watchdog.commands import CommandRefused
-from gradwatch.watchdog.remediation import from_alertmanager
+from gradwatch.watchdog.restore import pin
 from gradwatch.watchdog.schema import Ack, Action, CommandBatch
 from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.store import MAX_LIMIT, CommandRecord
@@ -82,10 +82,35 @@ def commands_router(service: Service) -> APIRouter:
     @router.post("/alertmanager", dependencies=[Depends(bearer_secret(service))])
     def alertmanager(payload: dict) -> dict:
         """Alertmanager's webhook (v4): alerts labelled `gradwatch_action` become commands for their `run`."""
-        outcomes = from_alertmanager(payload, service.commands, service.clock())
+        outcomes = service.remediator.from_alertmanager(payload, service.clock())
         service.store.append_audit(
             "alertmanager.received", time=service.clock(), details={"outcomes": outcomes, "status": payload.get("status")}
         )
         return {"outcomes": outcomes}
+
+    return router
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("operator", max_length=512)
+
+
+def pins_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["commands"])
+    operator_auth = Depends(signed_request(service, required=True))
+
+    @router.post("/runs/{run}/pin", dependencies=[operator_auth])
+    def pin_run(run: str, body: PinRequest) -> dict:
+        """Keep the run's automatic remediation in force: the watchdog will not restore it (`gradwatch pin RUN`)."""
+        pin(service.commands, run, True, body.reason, service.clock())
+        return {"run": run, "pinned": True}
+
+    @router.delete("/runs/{run}/pin", dependencies=[operator_auth])
+    def unpin_run(run: str, body: PinRequest | None = None) -> dict:
+        """Release the pin: the watchdog may restore the run once it is healthy (`gradwatch pin RUN --release`)."""
+        pin(service.commands, run, False, body.reason if body else "operator", service.clock())
+        return {"run": run, "pinned": False}
 
     return router

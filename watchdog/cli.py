@@ -2,7 +2,7 @@
 so ``gradwatch --help`` and ``gradwatch rules check`` stay fast and the service never
 imports torch.
 
-    gradwatch serve [--config FILE] [--host H] [--port N] [--db PATH] [--prometheus-url URL] [--scrape-interval S]
+    gradwatch serve [--config FILE] [--host H] [--port N] [--db PATH] [--prometheus-url URL] [--scrape-interval S] [--remediation observe]
     gradwatch rules check FILE...
     gradwatch rules export [--format prometheus] [FILE] [-o OUT] [--group NAME] [--interval 2s]
     gradwatch command RUN ACTION [--factor F] [--min-lr LR] [--mode M] [--threshold T|auto] [--z Z]
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", metavar="PATH", help="SQLite state file (default ./gradwatch.db)")
     serve.add_argument("--prometheus-url", metavar="URL", help="query this Prometheus instead of scraping agents directly")
     serve.add_argument("--scrape-interval", metavar="SECONDS", help="seconds between rounds, e.g. 2 or 500ms (default 2)")
+    serve.add_argument(
+        "--remediation", choices=["enforce", "observe"],
+        help="observe: decide, audit and notify what would be applied, send nothing (default enforce)",
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], help="default info")
     serve.set_defaults(handler=_serve)
 
@@ -125,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         "prometheus_url": args.prometheus_url,
         "scrape_interval": args.scrape_interval,
         "log_level": args.log_level,
+        "remediation": args.remediation,
     }
     return serve({k: v for k, v in overrides.items() if v is not None})
 

@@ -28,6 +28,16 @@ class CommandLimits:
     poll_interval_s: float = 1.0
 
 
+FAILED_STATUSES = frozenset({"refused", "rejected", "unsupported", "expired"})
+
+
+def failed(record: CommandRecord, now: float) -> bool:
+    """The command did not take effect: the agent turned it down, or it expired unread."""
+    if record.ack is not None:
+        return record.ack.get("status") in FAILED_STATUSES
+    return record.delivered_at is None and record.expires_at < now
+
+
 class CommandRefused(Exception):
     """The watchdog will not issue this command; the message says why."""
 
@@ -55,7 +65,11 @@ class CommandService:
         fingerprint: str | None = None,
         bounded: bool = True,
         now: float | None = None,
+        evidence: str | None = None,
+        step: int | None = None,
     ) -> CommandRecord:
+        """Sign and queue one command; ``evidence`` (why it is warranted) and ``step`` (the run's step
+        at the decision) go to the audit. Raises :class:`CommandRefused` past the bounds."""
         now = self.clock() if now is None else now
         if self.secret is None:
             raise CommandRefused("no command secret configured (GRADWATCH_SECRET): remediation is disabled")
@@ -76,12 +90,17 @@ class CommandService:
             self.table.add(record)
             self.store.append_audit(
                 "command.decided", time=now, run=run, rule=rule, fingerprint=fingerprint,
-                details={"command_id": command.id, "seq": seq, "spec": spec.model_dump(mode="json"), "reason": reason},
+                details={
+                    "command_id": command.id, "seq": seq, "spec": spec.model_dump(mode="json"), "reason": reason,
+                    **({"evidence": evidence} if evidence is not None else {}),
+                    **({"step": step} if step is not None else {}),
+                },
             )
         return record
 
     def _check_bounds(self, run: str, action: str, now: float) -> None:
-        recent = self.table.list(run=run, since=now - self.limits.window_s, limit=self.limits.max_per_run + 1)
+        # A command the agent refused (or that expired unread) took no effect: it uses up neither.
+        recent = [r for r in self.table.list(run=run, since=now - self.limits.window_s, limit=1000) if not failed(r, now)]
         if len(recent) >= self.limits.max_per_run:
             raise CommandRefused(f"{len(recent)} commands for {run!r} within {self.limits.window_s:g} s (max {self.limits.max_per_run})")
         same = [r for r in recent if r.action == action and now - r.issued_at < self.limits.cooldown_s]

@@ -6,6 +6,7 @@ One parser for every duration in the watchdog's files (rules, policies, notifier
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, PlainSerializer
@@ -65,3 +66,57 @@ def parse_seconds(value: Any) -> float:
 
 PositiveSeconds = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0)]
 """Seconds, as a float, from a number or a duration string (notifiers and service settings)."""
+
+
+_STEPS = re.compile(r"(\d+)\s*steps?")
+
+
+@dataclass(frozen=True)
+class Span:
+    """A wait measured in seconds or in optimizer steps (``10s``, ``2m``, ``50 steps``).
+
+    Steps make a policy behave alike on a 50-ms-step model and a 2-s-step one; seconds
+    are what a scrape-paced rule naturally speaks. A span in steps is measured on the
+    run's own ``gradwatch_step``.
+    """
+
+    seconds: float = 0.0
+    steps: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.steps) if self.steps is not None else self.seconds > 0
+
+    def elapsed(self, since_t: float, now: float, since_step: int | None, step: int | None) -> bool:
+        """Whether this span has passed since (``since_t``, ``since_step``) at (``now``, ``step``).
+        A span in steps with either step unknown falls back to never (it waits for the step to be known)."""
+        if self.steps is None:
+            return now >= since_t + self.seconds
+        if step is None or since_step is None:
+            return False
+        return step >= since_step + self.steps
+
+    def __truediv__(self, time_scale: float) -> Span:
+        """A clock ``time_scale`` times faster (the demo's): seconds shrink, steps stay steps."""
+        return Span(self.seconds / time_scale, self.steps)
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps" if self.steps is not None else format_duration(self.seconds)
+
+
+def parse_span(value: Any) -> Span:
+    """``50 steps`` / ``50steps`` / ``1 step``, or a Prometheus duration."""
+    if isinstance(value, Span):
+        return value
+    if isinstance(value, str):
+        m = _STEPS.fullmatch(value.strip())
+        if m:
+            return Span(steps=int(m.group(1)))
+    try:
+        return Span(seconds=parse_duration(value))
+    except PydanticCustomError:
+        raise PydanticCustomError(
+            "span", f"invalid wait {value!r}: use a duration like 30s or 5m, or a number of optimizer steps like '50 steps'"
+        ) from None
+
+
+SpanField = Annotated[Span, BeforeValidator(parse_span), PlainSerializer(str, return_type=str)]

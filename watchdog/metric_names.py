@@ -27,6 +27,10 @@ SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipp
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}
+GUARD_HELD_FRACTION = "gradwatch_guard_held_fraction"  # share of the last 50 steps the guard clipped or skipped
+GUARD_HELD_RATIO_MAX = "gradwatch_guard_held_ratio_max"  # max held norm / recent median since this scraper's previous scrape
+GUARD_HELD_STEP = "gradwatch_guard_held_step"  # step of the latest step the guard held
+GUARD_BOUND = "gradwatch_guard_bound"  # the spike bound in force for the next step
 
 PER_LAYER = (GRAD_NORM, GRAD_ABS_MEAN, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM, UPDATE_RATIO)
 

@@ -62,7 +62,10 @@ class LowerLR(_Strict):
 
 
 class RestoreLR(_Strict):
+    """Raise the learning-rate scale back: by ``factor`` (never above 1), or straight to 1 when None."""
+
     action: Literal["restore_lr"] = "restore_lr"
+    factor: float | None = Field(default=None, gt=1, le=10, allow_inf_nan=False)
 
 
 class EnableClipping(_Strict):

@@ -40,7 +40,10 @@ from gradwatch.watchdog.engine import EvalResult, RuleEngine, RuleHealth
 from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
+from gradwatch.watchdog.judgement import HISTORY_S, JUDGED_METRICS, Evidence, judge
 from gradwatch.watchdog.remediation import Remediator
+from gradwatch.watchdog.restore import Restorer
+from gradwatch.watchdog.rules.policy import Policy
 from gradwatch.watchdog.samples import SampleStore
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service_metrics import ServiceMetrics
@@ -174,11 +177,18 @@ class Service:
             self._restore_runs()
             self.source = source if source is not None else build_source(settings, self.registry, self.samples)
             self.engine = RuleEngine(self.config.rules)
-            self.samples.set_retention(self.engine.history_needed())  # keep what the rules read, no more
+            self.samples.set_retention(self._history_needed())  # keep what the rules and the judgement read, no more
             restored = self.engine.restore(self.store.alerts())
             self.dispatcher = self._build_dispatcher(self.config)
             self.commands = CommandService(self.store, settings.command_secret(), settings.command_limits(), clock)
-            self.remediator = Remediator(self.commands, self._policies)
+            self.remediator = Remediator(
+                self.commands, self._policies, judge=self._judge, progress=self._progress, mode=settings.remediation
+            )
+            self.restorer = Restorer(
+                self.commands, self._policies, runs=lambda: [t.run for t in self.registry.targets()],
+                healthy=lambda run, start, now: judge(self.samples, run, None, start, now),
+                progress=self._progress, restore_after=settings.restore_after, mode=settings.remediation,
+            )
         except BaseException:
             if self._owns_store:
                 self.store.close()
@@ -266,12 +276,15 @@ class Service:
             eval_started = time.perf_counter()
             result = self.engine.eval(now, self.samples)
             self.metrics.evaluation_duration.observe(time.perf_counter() - eval_started)
-            to_send = self.engine.alerts_to_send(now, self.settings.resend_delay)
             alerts = self.engine.alerts()
             health = self.engine.health()
             self._record(now, result, alerts, health)
-            self.dispatcher.submit(to_send, now)
+            # Decide first, so the notification of a firing alert already says what was done about it.
             self.remediator.decide(alerts, now)
+            self.restorer.decide(alerts, now)
+            to_send = self.engine.alerts_to_send(now, self.settings.resend_delay)
+            self._annotate(to_send, now)
+            self.dispatcher.submit(to_send, now)
         if now - self._last_prune >= PRUNE_EVERY_S:
             self.samples.drop_older_than(now - self.samples.max_age_s)
             self._last_prune = now
@@ -360,9 +373,46 @@ class Service:
             self.store.append_audit("run.finished", time=now, run=run, details={"rank": rank})
         return bool(target or removed)
 
-    def _policies(self) -> dict:
-        """Each rule's on_fire steps (read at decision time, so a reload takes effect at once)."""
-        return {r.name: r.on_fire for r in self.config.rules if r.on_fire}
+    def _policies(self) -> dict[str, Policy]:
+        """Each rule's on_fire steps and mode (read at decision time, so a reload takes effect at once)."""
+        return {r.name: Policy(r.on_fire, r.remediation) for r in self.config.rules if r.on_fire}
+
+    def _judge(self, alert: Alert, now: float) -> Evidence:
+        """The evidence of harm to the alert's run (and rank) since the alert's condition began."""
+        return judge(self.samples, alert.label("run"), alert.label("rank") or None, alert.active_at, now)
+
+    def _latest(self, metric: str, match: dict[str, str]) -> float | None:
+        """The newest finite value of ``metric`` among the series matching ``match`` (the largest, if several)."""
+        values = [s.points[-1][1] for s in self.samples.select(metric, match) if s.points]
+        finite = [v for v in values if math.isfinite(v)]
+        return max(finite) if finite else None
+
+    def _progress(self, run: str) -> int | None:
+        """The run's optimizer step as last scraped (its furthest rank)."""
+        step = self._latest(mn.STEP, {"run": run})
+        return int(step) if step is not None else None
+
+    def _annotate(self, alerts: list[Alert], now: float) -> None:
+        """What a notification should say beyond the rule's text: the run's step, the step the agent's
+        guard last held, and what the watchdog decided about the alert."""
+        for alert in alerts:
+            run, rank = alert.label("run"), alert.label("rank")
+            if run:
+                match = {"run": run, **({"rank": rank} if rank else {})}
+                for name, metric in (("step", mn.STEP), ("guard_held_step", mn.GUARD_HELD_STEP)):
+                    value = self._latest(metric, match)
+                    if value is not None:
+                        alert.annotations.setdefault(name, str(int(value)))
+            note = self.remediator.notes.get((alert.rule, alert.fingerprint))
+            if note is not None:
+                alert.annotations["remediation"] = note
+
+    def _history_needed(self) -> dict[str, float]:
+        """Seconds of history per metric: what the rules read, and what judging an incident reads."""
+        need = self.engine.history_needed()
+        for metric in JUDGED_METRICS:
+            need[metric] = max(need.get(metric, 0.0), HISTORY_S)
+        return need
 
     def runs(self, run: str | None = None) -> list[RunStatus]:
         """Registered runs (stale ones included) as stored, with their last scrape error."""
@@ -440,7 +490,7 @@ class Service:
         retired = None
         with self._lock:
             self.engine.replace_rules(config.rules)
-            self._retention = self.engine.history_needed()  # applied by the loop, which owns the samples
+            self._retention = self._history_needed()  # applied by the loop, which owns the samples
             if config.notifiers != self.config.notifiers:
                 retired, self.dispatcher = self.dispatcher, self._build_dispatcher(config)
             self.config = config

@@ -20,7 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
 from gradwatch.watchdog.commands import CommandLimits
 from gradwatch.watchdog.schema import read_secret
-from gradwatch.watchdog.durations import PositiveSeconds
+from gradwatch.watchdog.durations import PositiveSeconds, Span, SpanField
+from gradwatch.watchdog.rules.policy import RemediationMode
 
 DEFAULT_PORT = 9400
 
@@ -91,7 +92,21 @@ class Settings(BaseSettings):
         15.0, description="Minimum seconds between two triggered commands with the same action for one run."
     )
     command_ttl: PositiveSeconds = Field(120.0, description="A command no agent picked up within this long expires.")
-    poll_interval: PositiveSeconds = Field(1.0, description="How often agents are told to poll for commands.")
+    poll_interval: PositiveSeconds = Field(
+        1.0, description="How often agents are told to poll for commands (an agent's own poll_interval_s wins)."
+    )
+    remediation: Annotated[RemediationMode, BeforeValidator(_lower)] = Field(
+        "enforce",
+        description="`enforce`: policies issue commands. `observe`: every decision is made, audited and shown on "
+        "the alert's notification as 'would apply X at step N', and nothing is sent: measure false alarms on "
+        "your own runs before you enforce. A rule's own `remediation:` wins.",
+    )
+    restore_after: SpanField = Field(
+        Span(seconds=300.0),
+        description="Undo: once every remediating alert of a run has resolved and the run has been healthy this "
+        "long (a duration, or optimizer steps like '300 steps'), the watchdog raises the LR scale back x2 per "
+        "step and then disables the clipping it enabled, one command per restore_after.",
+    )
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = Field(
         "info", description="Log verbosity."
     )

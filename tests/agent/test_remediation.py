@@ -90,6 +90,22 @@ def test_lr_cuts_are_bounded_on_the_agent(attach, watchdog):
     assert seen == [pytest.approx(0.004)]  # 0.1 x 0.01 = 0.001 would be below min_lr
 
 
+def test_restore_lr_raises_the_scale_stepwise_and_clears_the_floor_at_one(attach, watchdog):
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = attach(model, opt, watchdog_url=watchdog.url, poll_interval_s=0.05, lr_cut_cooldown_s=0)
+    step = trainer(model, opt, agent)
+    for _ in range(2):
+        watchdog.send("test", {"action": "lower_lr", "factor": 0.5, "min_lr": 0.04})
+    watchdog.wait_for_acks(2, step)
+    for expected in (0.5, 1.0, 1.0):
+        watchdog.send("test", {"action": "restore_lr", "factor": 2.0})
+        ack = watchdog.wait_for_acks(len(watchdog.acks) + 1, step)[-1]
+        assert (ack.status, ack.lr_scale) == ("applied", expected)
+    assert agent.remedy.min_lr is None
+    assert sample(agent, m.LR_SCALE) == 1.0
+
+
 def test_clipping_command_clips_the_applied_update(attach, watchdog):
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)

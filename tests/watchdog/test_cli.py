@@ -29,7 +29,7 @@ def test_rules_check_accepts_a_good_file(tmp_path):
 def test_rules_check_accepts_the_shipped_default_pack():
     path = resources.files("gradwatch.watchdog.rules").joinpath("default.yaml")
     result = gradwatch("rules", "check", str(path))
-    assert result.returncode == 0 and result.stdout.endswith(": ok (9 rules)\n")
+    assert result.returncode == 0 and result.stdout.endswith(": ok (11 rules)\n")
 
 
 def test_rules_check_prints_every_problem_with_file_line_location_and_reason(tmp_path):

@@ -152,6 +152,8 @@ def test_the_default_pack_needs_history_only_for_what_it_reads_over_time():
         mn.UPDATE_RATIO: 0,
         mn.GRAD_ABS_MEAN: 0,
         mn.LAYER_DEPTH: 0,
+        mn.GUARD_HELD_FRACTION: 0,
+        mn.GUARD_HELD_RATIO_MAX: 0,
     }
     # every per-layer metric the pack does not compare over time keeps one point per series
     assert mn.GRAD_NORM not in need and mn.PARAM_NORM not in need

@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 from gradwatch.watchdog import metric_names as mn
 from gradwatch.watchdog.durations import Duration, PositiveDuration, format_duration, parse_duration  # noqa: F401
 from gradwatch.watchdog.alerting import TemplateError, compile_template
-from gradwatch.watchdog.rules.policy import PolicyStep
+from gradwatch.watchdog.rules.policy import PolicyStep, RemediationMode
 
 
 def _bad(message: str, at: tuple = ()) -> PydanticCustomError:
@@ -97,6 +97,9 @@ class _RuleBase(_Strict):
     limit: int = Field(0, ge=0, description="Most active alerts of this rule; more fails the evaluation. 0: no limit.")
     on_fire: list[PolicyStep] = Field(
         default_factory=list, description="Remediation steps while the alert fires (see rules/policy.py); empty: notify only."
+    )
+    remediation: RemediationMode | None = Field(
+        None, description="`observe`: decide, audit and notify what on_fire would do, send nothing; null: the service's mode."
     )
 
     @field_validator("on_fire")

@@ -165,13 +165,13 @@ def policy_notes(rule: Rule) -> list[str]:
     first = steps[0]
     if first.after:
         notes.append(
-            f"exported on_fire acts as soon as Alertmanager forwards the alert, not {format_duration(first.after)} after it fires"
+            f"exported on_fire acts as soon as Alertmanager forwards the alert, not {first.after} after it fires"
         )
     if len(steps) > 1:
         later = ", ".join(s.spec.action for s in steps[1:])
         notes.append(f"exported with its first on_fire step ({first.spec.action}) only; later steps ({later}) are not")
     if steps[-1].repeat:
-        notes.append(f"exported on_fire is taken once per firing episode, not repeated every {format_duration(steps[-1].repeat)}")
+        notes.append(f"exported on_fire is taken once per firing episode, not repeated every {steps[-1].repeat}")
     return notes
 
 
