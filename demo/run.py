@@ -29,6 +29,7 @@ from gradwatch.demo.record import AgentRecorder, Trace, record_plain
 from gradwatch.demo.rules import write_config
 from gradwatch.demo.services import NotificationSink, WatchdogProcess
 from gradwatch.demo.timeline import Event, Timeline
+from gradwatch.watchdog.settings import Settings
 
 @dataclass(frozen=True)
 class Story:
@@ -252,7 +253,8 @@ def run_demo(opts: DemoOptions) -> int:
     started = time.monotonic()
     with NotificationSink(out / "notifications.jsonl") as sink:
         config = write_config(out / "watchdog.yaml", sink.url, time_scale)
-        with WatchdogProcess(out, config, opts.interval_s, opts.poll_s) as wd:
+        restore_after_s = Settings.model_fields["restore_after"].default.seconds / time_scale  # the undo, on the same fast clock
+        with WatchdogProcess(out, config, opts.interval_s, opts.poll_s, restore_after_s) as wd:
             print(f"watchdog: `gradwatch serve` (pid {wd.pid}) on {wd.url}, scraping every {opts.interval_s:g} s, "
                   f"agents polling every {opts.poll_s:g} s (demo steps take milliseconds)")
             watched, events = _train_watched(opts, overrides, wd, sink)

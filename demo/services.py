@@ -78,11 +78,15 @@ class WatchdogProcess:
     """``gradwatch serve`` in a child process (``config`` None: the default rule pack, no notifiers);
     ``url`` once started. Agents pass ``secret_file`` to ``watch()``. Stops on exit (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, workdir: Path, config: Path | None, interval_s: float, poll_s: float | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: Path | None, interval_s: float, poll_s: float | None = None,
+        restore_after_s: float | None = None,
+    ) -> None:
         self.workdir = workdir
         self.config = config
         self.interval_s = interval_s
         self.poll_s = poll_s  # how often agents are told to poll (None: the service's default, 1 s)
+        self.restore_after_s = restore_after_s  # healthy time before undoing a remediation (None: the service's 5 min)
         self.secret_file = workdir / "command-secret"
         self.log_path = workdir / "watchdog.log"
         self.url = ""
@@ -113,6 +117,8 @@ class WatchdogProcess:
         env["GRADWATCH_SECRET_FILE"] = str(self.secret_file)
         if self.poll_s is not None:
             env["GRADWATCH_POLL_INTERVAL"] = f"{self.poll_s:g}"
+        if self.restore_after_s is not None:
+            env["GRADWATCH_RESTORE_AFTER"] = f"{self.restore_after_s * 1000:.0f}ms"
         return env
 
     def _wait_healthy(self, timeout_s: float = 30.0) -> bool:

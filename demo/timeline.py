@@ -85,12 +85,21 @@ def _describe(entry: dict) -> str | None:
     if kind in ("notify.sent", "notify.failed"):
         outcome = "notified" if kind == "notify.sent" else "notification FAILED to"
         return f"{outcome} {details.get('notifier')} ({details.get('state')}, {rule})"
+    if kind == "command.decided" and rule == "gradwatch:restore":
+        spec = details.get("spec") or {}
+        return f"remediation undone: {spec.get('action')} ({details.get('evidence')})"
     if kind == "command.decided":
         spec = details.get("spec") or {}
         args = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "action" and v is not None)
         return f"remediation decided: {spec.get('action')} ({args}) — policy of {rule}"
     if kind == "command.suppressed":
         return f"remediation held back: {details.get('reason') or details}"
+    if kind == "command.held_back":
+        return f"remediation held back ({(details.get('spec') or {}).get('action')}): {details.get('evidence')}"
+    if kind == "command.observed":
+        return f"observe mode: would apply {(details.get('spec') or {}).get('action')} at step {details.get('step')}"
+    if kind == "remediation.restore_abandoned":
+        return f"undo stopped for this incident: {', '.join(details.get('alerts') or [])} fired again while restoring"
     if kind == "command.acked":
         return (f"trainer acknowledged: {details.get('status')} at step {details.get('step')} "
                 f"({details.get('detail')})")
