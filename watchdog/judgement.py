@@ -113,8 +113,12 @@ def _counter_rise(series: list[Series], start: float, end: float) -> float:
     return rise
 
 
-def judge(samples: SampleStore, run: str, rank: str | None, onset: float, now: float) -> Evidence:
-    """The evidence of harm to ``run`` (one ``rank``, or all when None) between ``onset`` and ``now``."""
+def judge(
+    samples: SampleStore, run: str, rank: str | None, onset: float, now: float,
+    nonfinite_lookback_s: float = NONFINITE_LOOKBACK_S,
+) -> Evidence:
+    """The evidence of harm to ``run`` (one ``rank``, or all when None) between ``onset`` and ``now``;
+    non-finite steps count from ``nonfinite_lookback_s`` before the onset (0 to judge a window alone)."""
     match = {"run": run} if rank is None else {"run": run, "rank": rank}
     if not any(True for _ in samples.select(mn.STEP, match)):
         return Evidence(known=False)
@@ -122,7 +126,7 @@ def judge(samples: SampleStore, run: str, rank: str | None, onset: float, now: f
     against: list[str] = []
 
     skipped = _counter_rise(
-        list(samples.select(mn.SKIPPED_STEPS_TOTAL, {**match, "reason": "nonfinite"})), onset - NONFINITE_LOOKBACK_S, now
+        list(samples.select(mn.SKIPPED_STEPS_TOTAL, {**match, "reason": "nonfinite"})), onset - nonfinite_lookback_s, now
     )
     if skipped > 0:
         harm.append(f"{skipped:g} step(s) skipped for NaN/Inf gradients")

@@ -186,7 +186,7 @@ class Service:
             )
             self.restorer = Restorer(
                 self.commands, self._policies, runs=lambda: [t.run for t in self.registry.targets()],
-                healthy=lambda run, start, now: judge(self.samples, run, None, start, now),
+                healthy=lambda run, start, now: judge(self.samples, run, None, start, now, nonfinite_lookback_s=0.0),
                 progress=self._progress, restore_after=settings.restore_after, mode=settings.remediation,
             )
         except BaseException:

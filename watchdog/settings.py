@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, HttpUrl, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gradwatch.watchdog.alerting import DEFAULT_RESEND_DELAY_S
 from gradwatch.watchdog.commands import CommandLimits
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         "the alert's notification as 'would apply X at step N', and nothing is sent: measure false alarms on "
         "your own runs before you enforce. A rule's own `remediation:` wins.",
     )
-    restore_after: SpanField = Field(
+    restore_after: Annotated[SpanField, NoDecode] = Field(
         Span(seconds=300.0),
         description="Undo: once every remediating alert of a run has resolved and the run has been healthy this "
         "long (a duration, or optimizer steps like '300 steps'), the watchdog raises the LR scale back x2 per "
