@@ -138,7 +138,7 @@ class Remediator:
             due = next_step(policy.steps, taken, fired, now, step)
             if due is None:
                 continue
-            record = self._take(alert, due, len(taken), mode, run, step, now)
+            record = self._take(alert, due, len(taken), mode, run, step, now, after_failed=bool(taken) and taken[0].failed)
             if record is not None:
                 issued_now.append(record)
         for key in [k for k in self._fired_step if k not in live]:
@@ -147,18 +147,21 @@ class Remediator:
         return issued_now
 
     def _take(
-        self, alert: Alert, due: PolicyStep, index: int, mode: str, run: str, step: int | None, now: float
+        self, alert: Alert, due: PolicyStep, index: int, mode: str, run: str, step: int | None, now: float,
+        after_failed: bool = False,
     ) -> CommandRecord | None:
         evidence = self.judge(alert, now) if due.needs_evidence and self.judge is not None else ALWAYS
         at_step = f" at step {step}" if step is not None else ""
         what = describe(due.spec)
         details: dict[str, Any] = {"spec": due.spec.model_dump(mode="json"), "step": step, "evidence": evidence.summary()}
+        reason = f"{alert.rule} firing for {dict(alert.labels)}"
+        if after_failed:  # the audit says why this step came early
+            reason += "; the previous step did not take effect (refused or expired): falling through"
         once = (alert.rule, alert.fingerprint, alert.fired_at, index)
         if evidence.known and not evidence.harmful:
             self.notes[(alert.rule, alert.fingerprint)] = f"held back {what}{at_step}: {evidence.summary()}"
             self._audit_once("command.held_back", once, alert, run, now, details)
             return None
-        reason = f"{alert.rule} firing for {dict(alert.labels)}"
         if mode == "observe":
             self._observed.setdefault((alert.rule, alert.fingerprint, alert.fired_at or now), []).insert(0, Taken(now, step))
             self.notes[(alert.rule, alert.fingerprint)] = f"would apply {what}{at_step} (observe mode; {evidence.summary()})"

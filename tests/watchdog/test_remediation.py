@@ -169,8 +169,10 @@ def test_a_refused_step_falls_through_at_once_and_uses_up_no_cooldown(commands):
     refusal = Ack(command_id=first.id, run="r1", rank=0, status="refused", step=7, at=101.0,
                   detail="threshold 'auto' needs healthy history")
     commands.acknowledge("r1", [refusal], now=101.0)
-    # the LR cut does not wait 30 s behind a command that did nothing
+    # the LR cut does not wait 30 s behind a command that did nothing, and the audit says why
     assert actions(remediator.decide([firing()], 102.0)) == ["lower_lr"]
+    decided = commands.store.audit(run="r1", kind="command.decided", newest_first=True)[0]
+    assert "the previous step did not take effect (refused or expired): falling through" in decided.details["reason"]
 
 
 def test_a_refused_command_counts_towards_neither_cooldown_nor_cap(commands):
