@@ -140,3 +140,97 @@ def test_monitoring_failure_is_logged_once_with_a_count(attach, caplog, monkeypa
     failures = [r for r in caplog.records if "monitoring failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
     assert sample(agent, m.STEP) == 5
+
+
+# -- (b) optimizer.step(closure) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-2)])
+def test_closure_step_guards_and_measures_the_gradients_it_applies(attach, make):
+    """Forward and backward inside step() (Lightning's automatic optimization): the exported norm is
+    this step's, and a NaN batch is skipped as if dropped."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = make(model.parameters()), make(reference.parameters())
+    agent = attach(model, opt, every=1)
+    bad = 5
+    for i, inputs in enumerate(batches(model, 10)):
+
+        step_inputs = poison(inputs) if i == bad else inputs
+
+        def closure(inputs=step_inputs):
+            opt.zero_grad()
+            loss = loss_of(model, inputs)
+            loss.backward()
+            agent.observe(loss=loss)
+            return loss
+
+        opt.step(closure)
+        if i != bad:
+            ref_opt.zero_grad()
+            ref_loss = loss_of(reference, inputs)
+            ref_loss.backward()
+            expected = global_norm(reference.parameters())
+            ref_opt.step()
+            assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-6), i
+            assert sample(agent, m.GRAD_NORM, layer="head.weight") == pytest.approx(
+                float(reference.head.weight.grad.norm()), rel=1e-5
+            )
+            assert sample(agent, m.LOSS) == pytest.approx(float(ref_loss.detach()), rel=1e-6)
+    assert_same_weights(model, reference)
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+    assert sample(agent, m.STEP) == 10
+
+
+def test_closure_step_takes_the_keyword_form_and_clipping_applies_to_its_gradients(attach):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the gradients stay as applied, for reading back
+    attach(model, opt, every=1, max_grad_norm=1e-3)
+    inputs = batches(model, 1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, inputs)
+        loss.backward()
+        return loss
+
+    opt.step(closure=closure)
+    assert global_norm(model.parameters()) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_lbfgs_closure_is_guarded_at_every_evaluation(attach):
+    torch.manual_seed(0)
+    model = MLP(width=8, depth=2)
+    reference = copy.deepcopy(model)
+    make = lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4, history_size=5)
+    opt, ref_opt = make(model.parameters()), make(reference.parameters())
+    agent = attach(model, opt, every=1)
+    evaluations = []
+    bad = 3
+    for i, inputs in enumerate(batches(model, 6)):
+
+        step_inputs = poison(inputs) if i == bad else inputs
+
+        def closure(inputs=step_inputs, i=i):
+            opt.zero_grad()
+            loss = loss_of(model, inputs)
+            loss.backward()
+            evaluations.append(i)
+            return loss
+
+        def ref_closure(inputs=inputs):
+            ref_opt.zero_grad()
+            loss = loss_of(reference, inputs)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        if i != bad:
+            ref_opt.step(ref_closure)
+    assert evaluations.count(bad) == 1  # the NaN evaluation ended that step at once
+    assert len(evaluations) > 2 * 5  # the other steps evaluated several times, each guarded
+    assert_same_weights(model, reference)
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+    assert sample(agent, m.STEP) == 6
