@@ -234,3 +234,85 @@ def test_lbfgs_closure_is_guarded_at_every_evaluation(attach):
     assert_same_weights(model, reference)
     assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
     assert sample(agent, m.STEP) == 6
+
+
+# -- (c) clipping handed to gradwatch: max_grad_norm ----------------------------------------------
+
+
+def test_max_grad_norm_exports_the_raw_norm_and_clips_as_clip_grad_norm(attach):
+    """The exported norm is what clip_grad_norm_ returns (the pre-clip total), a 1000x spike included;
+    the applied update is clip_grad_norm_'s."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    agent = attach(model, opt, every=1, max_grad_norm=0.01, spike_sigma=None)
+    for i, inputs in enumerate(batches(model, 8)):
+        scale = 1000.0 if i == 5 else 1.0
+        opt.zero_grad()
+        (loss_of(model, inputs) * scale).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        (loss_of(reference, inputs) * scale).backward()
+        expected = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01))
+        ref_opt.step()
+        assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-5), i
+        assert expected > 0.01  # every step was clipped
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # clip_grad_norm_ divides by norm + 1e-6
+
+
+def test_max_grad_norm_spike_reaches_the_spike_guard_raw(attach):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    agent = attach(model, opt, every=1, max_grad_norm=1.0)
+    for i, inputs in enumerate(batches(model, 140)):
+        opt.zero_grad()
+        (loss_of(model, inputs) * (1000.0 if i == 135 else 1.0)).backward()
+        opt.step()
+    # clipping at 1.0 before step() hid this spike from the exported norms and from the spike counter
+    assert sample(agent, m.SPIKE_CLIPPED_STEPS_TOTAL) == 1
+
+
+def test_max_grad_norm_nan_is_attributed_to_its_own_layer(attach, caplog):
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2)
+    agent = attach(model, opt, every=1, max_grad_norm=1.0)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for i, inputs in enumerate(batches(model, 6)):
+            opt.zero_grad()
+            loss_of(model, inputs).backward()
+            if i == 3:
+                model.layers[2].weight.grad[1, 1] = float("nan")
+            opt.step()
+            if i != 3:
+                ref_opt.zero_grad()
+                loss_of(reference, inputs).backward()
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+                ref_opt.step()
+    assert "first in layer 'layers.2.weight' (nan=1, inf=0); 1 layer(s) affected" in caplog.text
+    assert sample(agent, m.NONFINITE_GRADS_TOTAL, layer="layers.2.weight", kind="nan") == 1
+    assert sample(agent, m.NONFINITE_GRADS_TOTAL, layer="head.weight", kind="nan") is None
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("commanded", "applied"), [(1e-3, 1e-3), (10.0, 0.5)])
+def test_watchdog_clipping_applies_on_top_of_max_grad_norm_the_tighter_wins(attach, commanded, applied):
+    from gradwatch.watchdog.schema import EnableClipping
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    agent = attach(model, opt, every=1, max_grad_norm=0.5)
+    agent.remedy.apply(EnableClipping(mode="global_norm", threshold=commanded))
+    opt.zero_grad()
+    (loss_of(model, batches(model, 1)[0]) * 100).backward()
+    raw = global_norm(model.parameters())
+    opt.step()
+    assert global_norm(model.parameters()) == pytest.approx(applied, rel=1e-5)
+    assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(raw, rel=1e-6)
