@@ -316,3 +316,36 @@ def test_watchdog_clipping_applies_on_top_of_max_grad_norm_the_tighter_wins(atta
     opt.step()
     assert global_norm(model.parameters()) == pytest.approx(applied, rel=1e-5)
     assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(raw, rel=1e-6)
+
+
+# -- (d) gradient accumulation --------------------------------------------------------------------
+
+
+def test_accumulation_exports_the_mean_loss_of_the_steps_micro_batches(attach):
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2)
+    agent = attach(model, opt, every=1)
+    accumulate, bad_step = 4, 2
+    data = batches(model, 5 * accumulate)
+    for step in range(5):
+        micro = data[step * accumulate : (step + 1) * accumulate]
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        losses = []
+        for k, inputs in enumerate(micro):
+            loss = loss_of(model, poison(inputs) if (step, k) == (bad_step, 1) else inputs) / accumulate
+            loss.backward()
+            agent.observe(loss=loss * accumulate)  # the micro-batch's own loss, as a trainer logs it
+            losses.append(float(loss.detach()) * accumulate)
+            if step != bad_step:
+                (loss_of(reference, inputs) / accumulate).backward()
+        opt.step()
+        if step != bad_step:
+            ref_opt.step()
+            assert sample(agent, m.LOSS) == pytest.approx(sum(losses) / accumulate, rel=1e-6)
+            assert sample(agent, m.LOSS) != pytest.approx(losses[-1], rel=1e-3)
+            assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(global_norm(reference.parameters()), rel=1e-6)
+    assert_same_weights(model, reference)
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
