@@ -349,3 +349,50 @@ def test_accumulation_exports_the_mean_loss_of_the_steps_micro_batches(attach):
             assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(global_norm(reference.parameters()), rel=1e-6)
     assert_same_weights(model, reference)
     assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+
+
+# -- (e) GradScaler -------------------------------------------------------------------------------
+
+
+def test_grad_scaler_skips_are_counted_and_the_loss_scale_exported(attach):
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.01), torch.optim.SGD(reference.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    agent = attach(model, opt, every=1, scaler=scaler)
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="amp_overflow") == 0
+    overflow, nan_batch = {2, 5}, 7
+    for i, inputs in enumerate(batches(model, 10)):
+        opt.zero_grad()
+        scale_used = scaler.get_scale()
+        scaler.scale(loss_of(model, poison(inputs) if i == nan_batch else inputs)).backward()
+        if i in overflow:
+            model.head.weight.grad[0, 0] = float("inf")  # what an fp16 overflow leaves in the scaled gradients
+        scaler.step(opt)
+        scaler.update()
+        if i not in overflow and i != nan_batch:
+            ref_opt.zero_grad()
+            loss_of(reference, inputs).backward()
+            expected = global_norm(reference.parameters())
+            ref_opt.step()
+            assert sample(agent, m.LOSS_SCALE) == scale_used
+            assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-5)
+        assert sample(agent, m.STEP) == i + 1  # every step attempted, the scaler's skips included
+    # GradScaler tells no overflow from a NaN batch: it skipped all three before the optimizer saw them
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="amp_overflow") == 3
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 0
+    assert scaler.get_scale() == 2.0**8 / 8  # three halvings: two overflows and the NaN batch
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # unscaling by 2^k is exact; SGD order is not bitwise
+    agent.close()
+    assert "step" not in vars(scaler)  # the scaler is left as it was
+
+
+def test_scaler_must_be_a_grad_scaler(attach):
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="scaler must be a torch.amp.GradScaler; got str"):
+        attach(model, opt, scaler="fp16")
+    assert not opt._optimizer_step_pre_hooks
