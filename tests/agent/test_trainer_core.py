@@ -396,3 +396,45 @@ def test_scaler_must_be_a_grad_scaler(attach):
     with pytest.raises(ValueError, match="scaler must be a torch.amp.GradScaler; got str"):
         attach(model, opt, scaler="fp16")
     assert not opt._optimizer_step_pre_hooks
+
+
+# -- (f) param groups added after watch() ---------------------------------------------------------
+
+
+def test_param_group_added_after_watch_is_watched_guarded_and_labelled(attach, caplog):
+    """The usual "unfreeze the backbone": the new group is picked up at the next step."""
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model)
+    make = lambda m_: torch.optim.Adam(m_.head.parameters(), lr=1e-2)  # noqa: E731
+    opt, ref_opt = make(model), make(reference)
+    agent = attach(model, opt, every=1)
+    bad = 6
+    with caplog.at_level(logging.INFO, logger="gradwatch.agent"):
+        for i, inputs in enumerate(batches(model, 10)):
+            if i == 3:
+                opt.add_param_group({"params": list(model.layers.parameters()), "lr": 1e-3})
+                ref_opt.add_param_group({"params": list(reference.layers.parameters()), "lr": 1e-3})
+            opt.zero_grad()
+            loss_of(model, inputs).backward()
+            if i == bad:
+                model.layers[0].weight.grad[0, 0] = float("nan")  # in the unfrozen backbone
+            opt.step()
+            if i != bad:
+                ref_opt.zero_grad()
+                loss_of(reference, inputs).backward()
+                expected = global_norm(p for g in ref_opt.param_groups for p in g["params"])
+                ref_opt.step()
+                assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-6), i
+                if i >= 3:
+                    assert sample(agent, m.GRAD_NORM, layer="layers.0.weight") == pytest.approx(
+                        float(reference.layers[0].weight.grad.norm()), rel=1e-5
+                    )
+                    assert sample(agent, m.LEARNING_RATE, group="1") == 1e-3
+    assert_same_weights(model, reference)
+    assert sample(agent, m.NONFINITE_GRADS_TOTAL, layer="layers.0.weight", kind="nan") == 1
+    assert sample(agent, m.LAYER_DEPTH, layer="layers.0.weight") is not None
+    added = [r.getMessage() for r in caplog.records if "param group(s) now" in r.getMessage()]
+    assert len(added) == 1 and "6 new: layers.0.weight, layers.0.bias" in added[0] and "step 4" in added[0]
+    depth = {layer: sample(agent, m.LAYER_DEPTH, layer=layer) for layer in ("layers.0.weight", "head.weight")}
+    assert depth["layers.0.weight"] < depth["head.weight"]  # model order, not the order groups were added
