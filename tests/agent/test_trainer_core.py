@@ -438,3 +438,62 @@ def test_param_group_added_after_watch_is_watched_guarded_and_labelled(attach, c
     assert len(added) == 1 and "6 new: layers.0.weight, layers.0.bias" in added[0] and "step 4" in added[0]
     depth = {layer: sample(agent, m.LAYER_DEPTH, layer=layer) for layer in ("layers.0.weight", "head.weight")}
     assert depth["layers.0.weight"] < depth["head.weight"]  # model order, not the order groups were added
+
+
+# -- (g) sparse gradients -------------------------------------------------------------------------
+
+
+class SparseEmbedding(torch.nn.Module):
+    def __init__(self, dense_head: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(30, 6, sparse=True)
+        self.head = torch.nn.Linear(6, 1) if dense_head else None
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(1)
+        return (self.head(h) if self.head is not None else h.sum(-1, keepdim=True)).squeeze(-1)
+
+
+SPARSE_CASES = {
+    "sparse_adam": (False, lambda m_: torch.optim.SparseAdam(m_.parameters(), lr=1e-2)),
+    "sgd_mixed": (True, lambda m_: torch.optim.SGD(m_.parameters(), lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE_CASES))
+def test_sparse_gradients_are_guarded_and_measured(attach, caplog, case):
+    dense_head, make = SPARSE_CASES[case]
+    torch.manual_seed(0)
+    model = SparseEmbedding(dense_head)
+    reference = copy.deepcopy(model)
+    opt, ref_opt = make(model), make(reference)
+    agent = attach(model, opt, every=1, detail_every=1, max_grad_norm=100.0)
+    gen = torch.Generator().manual_seed(1)
+    bad = 4
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        for i in range(8):
+            tokens = torch.randint(0, 30, (4, 5), generator=gen)
+            opt.zero_grad()
+            loss = model(tokens).square().mean()
+            (loss * float("nan") if i == bad else loss).backward()
+            opt.step()
+            if i == bad:
+                continue
+            ref_opt.zero_grad()
+            reference(tokens).square().mean().backward()
+            dense = reference.embed.weight.grad.to_dense()
+            expected = global_norm([p for p in reference.parameters()])
+            ref_opt.step()
+            assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-5)
+            assert sample(agent, m.GRAD_NORM, layer="embed.weight") == pytest.approx(float(dense.norm()), rel=1e-5)
+            assert sample(agent, m.GRAD_ABS_MEAN, layer="embed.weight") == pytest.approx(float(dense.abs().mean()), rel=1e-5)
+            assert sample(agent, m.GRAD_ABS_MAX, layer="embed.weight") == pytest.approx(float(dense.abs().max()), rel=1e-6)
+            assert sample(agent, m.GRAD_ABS_MIN, layer="embed.weight") == float(dense.abs().min())  # rows not looked up: 0
+    assert "monitoring failed" not in caplog.text
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+    assert sample(agent, m.NONFINITE_GRADS_TOTAL, layer="embed.weight", kind="nan") > 0
+    assert_same_weights(model, reference)
+    # the update ratio needs a dense copy of the parameter: sparse layers are left out of it
+    assert sample(agent, m.UPDATE_RATIO, layer="embed.weight") is None
+    if dense_head:
+        assert sample(agent, m.UPDATE_RATIO, layer="head.weight") is not None
