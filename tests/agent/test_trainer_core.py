@@ -497,3 +497,64 @@ def test_sparse_gradients_are_guarded_and_measured(attach, caplog, case):
     assert sample(agent, m.UPDATE_RATIO, layer="embed.weight") is None
     if dense_head:
         assert sample(agent, m.UPDATE_RATIO, layer="head.weight") is not None
+
+
+# -- (i) canonical layer names --------------------------------------------------------------------
+
+
+class Holder(torch.nn.Module):
+    """A user's own submodule called ``module``: its name is kept (only wrappers' ``module`` goes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 1)
+
+
+def labels_of(attach, model, **settings) -> list[str]:
+    agent = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+    labels = list(agent.layer_map.labels)
+    agent.close()
+    return labels
+
+
+def wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def checkpointed(model):
+        for i, block in enumerate(model.layers):
+            if isinstance(block, torch.nn.Linear):
+                model.layers[i] = checkpoint_wrapper(block)
+        return model
+
+    return {
+        "data_parallel": torch.nn.DataParallel,
+        "compile": torch.compile,
+        "checkpoint": checkpointed,
+        "compiled_data_parallel_checkpointed": lambda model: torch.compile(torch.nn.DataParallel(checkpointed(model))),
+    }
+
+
+@pytest.mark.parametrize("wrapper", sorted(wrappers()))
+def test_layer_labels_are_the_same_wrapped_or_not(attach, wrapper):
+    plain = labels_of(attach, MLP())
+    wrapped_model = wrappers()[wrapper](MLP())
+    assert any(n.count(".") > 2 or n.startswith(("module.", "_orig_mod.")) for n, _ in wrapped_model.named_parameters())
+    assert labels_of(attach, wrapped_model) == plain
+    assert labels_of(attach, MLP(), layers="module") == labels_of(attach, wrappers()[wrapper](MLP()), layers="module")
+
+
+def test_layer_labels_under_ddp_match_the_plain_model(attach):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = MLP()
+        plain = labels_of(attach, copy.deepcopy(model))
+        assert labels_of(attach, torch.nn.parallel.DistributedDataParallel(model)) == plain
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_users_own_module_named_module_keeps_its_name(attach):
+    assert labels_of(attach, Holder()) == ["module.weight", "module.bias", "head.weight", "head.bias"]
