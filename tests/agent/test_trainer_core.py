@@ -558,3 +558,44 @@ def test_layer_labels_under_ddp_match_the_plain_model(attach):
 
 def test_a_users_own_module_named_module_keeps_its_name(attach):
     assert labels_of(attach, Holder()) == ["module.weight", "module.bias", "head.weight", "head.bias"]
+
+
+# -- torch.compile in a plain loop ----------------------------------------------------------------
+
+
+def compiled_or_skip(model):
+    compiled = torch.compile(model)
+    try:
+        loss_of(compiled, model.example(torch.Generator().manual_seed(0))).backward()
+    except Exception as exc:  # no C++ toolchain, unsupported platform: not this test's subject
+        pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
+    model.zero_grad(set_to_none=True)
+    return compiled
+
+
+def test_compiled_model_plain_loop_is_guarded_measured_and_labelled(attach):
+    torch.manual_seed(0)
+    model = MLP(width=8, depth=2)
+    reference = copy.deepcopy(model)
+    compiled, ref_compiled = compiled_or_skip(model), compiled_or_skip(reference)
+    opt, ref_opt = torch.optim.Adam(compiled.parameters(), lr=1e-2), torch.optim.Adam(ref_compiled.parameters(), lr=1e-2)
+    agent = attach(compiled, opt, every=1)
+    bad = 3
+    for i, inputs in enumerate(batches(model, 6)):
+        opt.zero_grad()
+        loss = loss_of(compiled, poison(inputs) if i == bad else inputs)
+        loss.backward()
+        agent.observe(loss=loss)
+        opt.step()
+        if i != bad:
+            ref_opt.zero_grad()
+            ref_loss = loss_of(ref_compiled, inputs)
+            ref_loss.backward()
+            expected = global_norm(reference.parameters())
+            ref_opt.step()
+            assert sample(agent, m.GRAD_GLOBAL_NORM) == pytest.approx(expected, rel=1e-6)
+            assert sample(agent, m.GRAD_NORM, layer="head.weight") == pytest.approx(float(reference.head.weight.grad.norm()), rel=1e-5)
+            assert sample(agent, m.LOSS) == pytest.approx(float(ref_loss.detach()), rel=1e-6)
+    assert_same_weights(model, reference)
+    assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
+    assert "_orig_mod" not in " ".join(agent.layer_map.labels)
