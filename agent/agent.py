@@ -147,7 +147,9 @@ class Agent:
         return self.monitor.step
 
     def observe(self, loss=None) -> None:
-        """Report this step's loss (a tensor stays on its device; no sync here)."""
+        """Report a loss (a tensor stays on its device; no sync here). Call it once per micro-batch under
+        gradient accumulation: the loss exported for an optimizer step is the mean of the values
+        observed since the previous step (observed inside a step's closure, it counts for that step)."""
         if loss is not None:
             self.monitor.observe_loss(loss)
 
