@@ -52,6 +52,37 @@ class WrappedOptimizer:
         return self._inner.step(closure)
 
 
+class OptimizerSubclassWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer: a torch.optim.Optimizer subclass that never runs
+    Optimizer.__init__ (no hook dicts of its own) and steps the optimizer it holds."""
+
+    def __init__(self, optimizer):  # no super().__init__(), as AcceleratedOptimizer
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad()
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def lightning_optimizer(optimizer):
+    module = pytest.importorskip("lightning.pytorch.core.optimizer")
+    return module.LightningOptimizer(optimizer)
+
+
+WRAPPERS = {
+    "attribute_optimizer": lambda o: WrappedOptimizer(o, "optimizer"),
+    "attribute__optimizer": lambda o: WrappedOptimizer(o, "_optimizer"),
+    "optimizer_subclass": OptimizerSubclassWrapper,
+    "lightning": lightning_optimizer,
+}
+
+
 # -- (a) wrapped optimizers and bad input -------------------------------------------------------
 
 
@@ -69,18 +100,21 @@ def test_bad_input_raises_naming_the_argument_before_anything_is_attached():
     gradwatch.agent.watch(model, opt, run="bad", port=port).close()  # nothing kept the port or the identity
 
 
-@pytest.mark.parametrize("attr", ["optimizer", "_optimizer"])
-def test_wrapped_optimizer_is_unwrapped_and_guarded(attach, attr):
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_wrapped_optimizer_is_unwrapped_and_guarded(attach, wrapper):
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)
-    opt = WrappedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), attr)
+    inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = WRAPPERS[wrapper](inner)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     agent = attach(model, opt, every=1)
+    assert len(inner._optimizer_step_pre_hooks) == 1
+    step = inner.step if wrapper == "lightning" else opt.step  # LightningOptimizer.step needs a Trainer
     for i, inputs in enumerate(batches(model, 8)):
-        opt.zero_grad()
+        inner.zero_grad()
         loss_of(model, poison(inputs) if i == 4 else inputs).backward()
-        opt.step()
+        step()
         if i != 4:
             ref_opt.zero_grad()
             loss_of(reference, inputs).backward()
