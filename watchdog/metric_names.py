@@ -26,6 +26,7 @@ SKIPPED_STEPS_TOTAL = "gradwatch_skipped_steps_total"  # {reason}
 SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipped a finite norm spike
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
+LOSS_SCALE = "gradwatch_loss_scale"  # GradScaler's scale (watch(..., scaler=)); skips: SKIPPED_STEPS_TOTAL{reason="amp_overflow"}
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}
 GUARD_HELD_FRACTION = "gradwatch_guard_held_fraction"  # share of the last 50 steps the guard clipped or skipped
 GUARD_HELD_RATIO_MAX = "gradwatch_guard_held_ratio_max"  # max held norm / recent median since this scraper's previous scrape
