@@ -28,7 +28,7 @@ from gradwatch.watchdog.api_models import (
 )
 from gradwatch.watchdog.api_auth import bind_metrics_url, client_host, signed_request
 from gradwatch.watchdog.api_commands import commands_router
-from gradwatch.watchdog.api_limits import BodyLimit, add_input_handlers
+from gradwatch.watchdog.api_limits import BodyLimit, add_error_handlers
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import RegistrationRefused, Service
 from gradwatch.watchdog.store import MAX_LIMIT
@@ -170,7 +170,7 @@ def create_app(service: Service, routers: Sequence[Callable[[Service], APIRouter
     )
     for build in routers:
         app.include_router(build(service))
-    add_input_handlers(app)
+    add_error_handlers(app)
 
     def too_large(scope, reason: str) -> None:
         client = scope.get("client")

@@ -9,9 +9,11 @@ refused as soon as it passes the limit. A 50-MB upload costs the watchdog at mos
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +42,7 @@ class BodyLimit:
                 return
             if length > self.max_bytes:
                 reason = f"request body of {length} bytes is over the limit of {self.max_bytes} (max_body_bytes)"
-                await self._refuse(scope, receive, send, status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, reason)
+                await self._refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, reason)
                 return
         received = 0
 
@@ -52,7 +54,7 @@ class BodyLimit:
                 if received > self.max_bytes:
                     reason = f"request body is over the limit of {self.max_bytes} bytes (max_body_bytes)"
                     self.on_refused(scope, reason)
-                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, reason)
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, reason)
             return message
 
         await self.app(scope, counted, send)
@@ -64,11 +66,20 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def add_input_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
     """A model built inside a handler from request data (e.g. an Alertmanager alert's labels) that
-    fails validation is the client's error: 422 with the reasons, not 500."""
+    fails validation is the client's error: 422 with the reasons, not 500. A store that cannot be
+    written (a full disk) is the service's own trouble, said as such: 503, and /healthz reports it."""
 
-    @app.exception_handler(ValidationError)
-    async def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
+    @app.exception_handler(sqlite3.Error)
+    async def _store(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        detail = f"the watchdog's store cannot be written ({exc}); nothing was recorded, try again later"
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    async def _invalid(request: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
+        # Without the input: it may be NaN (not JSON, FastAPI's own handler fails on it with a 500) or huge.
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    app.add_exception_handler(ValidationError, _invalid)
+    app.add_exception_handler(RequestValidationError, _invalid)

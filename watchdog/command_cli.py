@@ -59,7 +59,12 @@ def build_spec(args: argparse.Namespace) -> Action:
 def run_command(args: argparse.Namespace) -> int:
     try:
         spec = build_spec(args)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = str(err["loc"][-1]) if err["loc"] else args.action
+            print(f"gradwatch command: invalid {args.action}: {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"gradwatch command: invalid {args.action}: {exc}", file=sys.stderr)
         return 2
     secret = read_secret(args.secret_file)

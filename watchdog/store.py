@@ -2,7 +2,13 @@
 
 Holds registered runs, the current alert states (so a firing alert is still firing
 after a restart), notification deliveries (so a restart does not re-notify) and an
-append-only audit log of every alert transition, notification and command.
+append-only audit log of every alert transition, notification and command. The audit
+log has a retention bound (``audit_max_rows``, ``audit_max_age_s``): only its oldest
+rows are ever deleted, by the store itself; a trigger refuses any other delete.
+
+A write that fails (a full disk, an I/O error) is logged once and reported by
+:meth:`Store.write_health`, which the service's ``/healthz`` reads; the caller's
+exception propagates as before.
 
 Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL`` already
 survives a crash of this process (a commit is in the OS's cache before it
@@ -38,6 +44,7 @@ from gradwatch.watchdog.schema import Registration
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 10_000  # rows one query may return: the API pages beyond that
+WRITE_FAILURE_HOLD_S = 60.0  # a failed write keeps the store reported unwritable for this long
 PRUNE_AUDIT_EVERY = 1000  # appended rows between two checks of the audit log's retention
 
 
@@ -197,6 +204,7 @@ class Store:
         self._appended_since_prune = 0
         self._write_health = WriteHealth(True)
         self._last_write_ok = -math.inf  # time.monotonic() of the last committed write
+        self._last_write_failed = -math.inf
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), not sqlite3's implicit ones.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
@@ -263,6 +271,7 @@ class Store:
     def _write_failed(self, exc: sqlite3.Error) -> None:
         if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
             return  # a constraint or a bug in the caller, not a store that cannot write
+        self._last_write_failed = time.monotonic()
         if self._write_health.writable:  # logged once per episode, not per write
             log.error("the store %s cannot be written (%s): /healthz reports it; what is not written is lost "
                       "on restart", self.path, exc)
@@ -270,7 +279,9 @@ class Store:
 
     def _write_succeeded(self) -> None:
         self._last_write_ok = time.monotonic()
-        if not self._write_health.writable:
+        # An episode ends only after writes have succeeded for a while with none failing: a disk
+        # with a few free pages lets some writes through, and must not flap or log every time.
+        if not self._write_health.writable and self._last_write_ok - self._last_write_failed >= WRITE_FAILURE_HOLD_S:
             log.warning("the store %s is writable again", self.path)
             self._write_health = WriteHealth(True)
 
