@@ -23,7 +23,7 @@ log = logging.getLogger("gradwatch.watchdog")
 
 OPEN_MODE_WARNING = (
     "\n" + "!" * 78 + "\n"
-    "OPEN MODE: no secret is set (GRADWATCH_SECRET / --secret-file). Anyone who can reach this port can\n"
+    "OPEN MODE: no secret is set (GRADWATCH_SECRET / GRADWATCH_SECRET_FILE). Anyone who can reach this port can\n"
     "register runs, read every run, alert and audit entry, and reload the rules. Registrations are bound to\n"
     "the registering client's address and a live run cannot be taken from its own agent, but nothing is\n"
     "authenticated and no remediation command is served. Set a secret for anything but a trusted network.\n"

@@ -250,8 +250,10 @@ class Store:
             self._depth = 1
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
+                changes = self._conn.total_changes
                 try:
                     yield self
+                    wrote = self._conn.total_changes > changes  # a transaction that changed nothing proves nothing
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:  # SQLite may have rolled back itself (e.g. disk full)
@@ -262,7 +264,8 @@ class Store:
                 self._write_failed(exc)
                 raise
             else:
-                self._write_succeeded()
+                if wrote:
+                    self._write_succeeded()
             finally:
                 self._depth = 0
 
