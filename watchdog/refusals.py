@@ -11,8 +11,10 @@ tracked at once; past that, refusals are counted under the client ``*``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,7 +88,5 @@ class RefusalAudit:
     def _write(self, rows: list[dict]) -> None:
         if not rows:
             return
-        try:
+        with contextlib.suppress(sqlite3.Error):  # the store reports its own failure (health, one log line)
             self.store.append_audit_many(rows)
-        except Exception:  # the store reports its own failure (health, one log line)
-            pass

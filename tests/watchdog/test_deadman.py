@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
+
 from gradwatch.watchdog.config_file import load_config
 from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.settings import Settings
@@ -35,11 +39,9 @@ def test_gradwatch_watchdog_alert_is_always_firing_to_alertmanager_only(tmp_path
             # A store that cannot be written is not healthy: the keep-alive stops, so the switch trips.
             pages = service.store._conn.execute("PRAGMA page_count").fetchone()[0]
             service.store._conn.execute(f"PRAGMA max_page_count = {pages}")
-            try:
+            with pytest.raises(sqlite3.OperationalError, match="full"):
                 for i in range(100):
                     service.store.append_audit("x.y", time=T0, details={"pad": "p" * 4000, "i": i})
-            except Exception:
-                pass
             assert service.health().status == "unhealthy"
             clock.t = T0 + 200
             service.tick(T0 + 200)
