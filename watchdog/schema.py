@@ -37,7 +37,6 @@ MAX_Z = 100.0
 """Largest adaptive-clipping z-score (ZClip uses 2-3; above this it never clips)."""
 
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
