@@ -22,10 +22,12 @@ and notifiers under the same lock the loop holds while evaluating.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -288,7 +290,10 @@ class Service:
             self.dispatcher.submit(to_send, now)
             if self.settings.deadman_alert and self.store.write_health().writable:
                 self.dispatcher.submit([self._deadman], now, to=lambda n: isinstance(n, AlertmanagerNotifier))
-            self.remediator.decide(alerts, now)
+            # A store that cannot be written (a full disk) logged it once and /healthz reports it
+            # (the dead-man's alert stops): the round goes on, remediation waits for the store.
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.remediator.decide(alerts, now)
         if now - self._last_prune >= PRUNE_EVERY_S:
             self.samples.drop_older_than(now - self.samples.max_age_s)
             self._last_prune = now
@@ -324,6 +329,8 @@ class Service:
             with self.store.transaction():
                 for target, step_value in seen:
                     self.store.touch_run(target.run, target.rank, now, step_value)
+        except sqlite3.OperationalError:
+            pass  # a store that cannot be written logs it once and /healthz reports it, not every round
         except Exception:
             log.exception("cannot record run progress in the store")
 
@@ -347,6 +354,8 @@ class Service:
                 if entries:
                     self.store.append_audit_many(entries)
                 self.store.replace_alerts(alerts)
+        except sqlite3.OperationalError:
+            pass  # a store that cannot be written logs it once and /healthz reports it, not every round
         except Exception:
             log.exception("cannot save alert states to the store")
 
