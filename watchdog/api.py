@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,10 +26,11 @@ from gradwatch.watchdog.api_models import (
     ReloadOut,
     RunOut,
 )
-from gradwatch.watchdog.api_auth import signed_request
+from gradwatch.watchdog.api_auth import bind_metrics_url, client_host, signed_request
 from gradwatch.watchdog.api_commands import commands_router, pins_router
+from gradwatch.watchdog.api_limits import BodyLimit, add_error_handlers
 from gradwatch.watchdog.schema import Registration
-from gradwatch.watchdog.service import Service
+from gradwatch.watchdog.service import RegistrationRefused, Service
 from gradwatch.watchdog.store import MAX_LIMIT
 
 PREFIX = "/api/v1"
@@ -39,10 +40,31 @@ Limit = Query(100, ge=1, le=MAX_LIMIT, description="Most entries returned (newes
 def runs_router(service: Service) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["runs"])
 
-    @router.post("/runs", status_code=status.HTTP_201_CREATED, dependencies=[Depends(signed_request(service, required=False))])
-    def register_run(registration: Registration) -> RegisteredOut:
-        """Register an agent (at its start, and again after either side restarts); it is scraped from the next round."""
-        return RegisteredOut(run=RunOut.of(service.register(registration)), scrape_interval_s=service.settings.scrape_interval)
+    @router.post(
+        "/runs", status_code=status.HTTP_201_CREATED, dependencies=[Depends(signed_request(service, required=False))],
+        responses={
+            403: {"description": "The metrics URL is not the registering client's own address (nor allowlisted)."},
+            409: {"description": "Another live agent instance holds this run and rank (open mode)."},
+        },
+    )
+    def register_run(registration: Registration, request: Request) -> RegisteredOut:
+        """Register an agent (at its start, and again after either side restarts); it is scraped from the next round.
+
+        Its metrics URL must point at the registering client's own address (an unspecified host,
+        0.0.0.0, is replaced by it) or at a host in `registration_hosts`. Without a secret, a live
+        registration of another agent instance is not replaced (409)."""
+        client = client_host(request)
+        try:
+            registration = bind_metrics_url(registration, client, service.settings.registration_hosts)
+        except ValueError as exc:
+            service.refusals.refused("run.refused", client, str(exc), {"rank": registration.rank}, run=registration.run)
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+        try:
+            run = service.register(registration, authenticated=service.commands.secret is not None)
+        except RegistrationRefused as exc:
+            service.refusals.refused("run.refused", client, str(exc), {"rank": registration.rank}, run=registration.run)
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return RegisteredOut(run=RunOut.of(run), scrape_interval_s=service.settings.scrape_interval)
 
     @router.get("/runs")
     def list_runs(run: str | None = None) -> list[RunOut]:
@@ -94,9 +116,14 @@ def audit_router(service: Service) -> APIRouter:
 def rules_router(service: Service) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["rules"])
 
-    @router.post("/rules/reload", responses={400: {"model": ReloadOut, "description": "The file has problems; nothing changed."}})
+    @router.post(
+        "/rules/reload", dependencies=[Depends(signed_request(service, required=False))],
+        responses={400: {"model": ReloadOut, "description": "The file has problems; nothing changed."}},
+    )
     def reload_rules() -> ReloadOut:
-        """Re-read the config file the watchdog was started with (as SIGHUP does). A bad file changes nothing."""
+        """Re-read the config file the watchdog was started with (as SIGHUP does). A bad file changes nothing.
+
+        Signed (X-Gradwatch-Auth) when a secret is set."""
         result = service.reload()
         problems = [ProblemOut.of(p) for p in result.problems]
         body = ReloadOut(ok=result.ok, source=result.source, rules=result.rules, problems=problems)
@@ -110,11 +137,13 @@ def rules_router(service: Service) -> APIRouter:
 def ops_router(service: Service) -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", responses={503: {"model": HealthOut, "description": "The evaluation loop is stuck or dead."}})
+    @router.get("/healthz", responses={
+        503: {"model": HealthOut, "description": "The evaluation loop is stuck or dead, or the store cannot be written."}
+    })
     def healthz() -> HealthOut:
-        """200 while the evaluation loop runs on time; 503 when it stalled. The body says more."""
+        """200 while the evaluation loop runs on time and the store can be written; 503 otherwise. The body says more."""
         health = HealthOut.of(service.health())
-        if health.status == "stalled":
+        if health.status in ("stalled", "unhealthy"):
             return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content=health.model_dump(mode="json"))
         return health
 
@@ -141,4 +170,12 @@ def create_app(service: Service, routers: Sequence[Callable[[Service], APIRouter
     )
     for build in routers:
         app.include_router(build(service))
+    add_error_handlers(app)
+
+    def too_large(scope, reason: str) -> None:
+        client = scope.get("client")
+        details = {"method": scope.get("method"), "path": scope.get("path")}
+        service.refusals.refused("request.refused", client[0] if client else "unknown", reason, details)
+
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes, on_refused=too_large)
     return app

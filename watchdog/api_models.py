@@ -107,8 +107,16 @@ class RuleHealthOut(BaseModel):
         return cls(**vars(h))
 
 
+class StoreHealthOut(BaseModel):
+    writable: bool = Field(description="False while writes to the store fail (e.g. a full disk).")
+    error: str | None
+    since: float | None = Field(description="When writes started failing.")
+
+
 class HealthOut(BaseModel):
-    status: Literal["ok", "starting", "stalled"]
+    status: Literal["ok", "starting", "stalled", "unhealthy"] = Field(
+        description="unhealthy: the store cannot be written (what is decided now is lost on restart)."
+    )
     source: Literal["scrape", "prometheus"]
     last_round_at: float | None
     last_round_duration_s: float | None
@@ -116,7 +124,9 @@ class HealthOut(BaseModel):
     series: int
     rules: dict[str, RuleHealthOut]
     notifiers: dict[str, dict[str, Any]] = Field(description="Per notifier: sent/failed/dropped counts, queue, last error.")
+    store: StoreHealthOut
 
     @classmethod
     def of(cls, h: Health) -> HealthOut:
-        return cls(**{**vars(h), "rules": {n: RuleHealthOut.of(r) for n, r in h.rules.items()}})
+        rules = {n: RuleHealthOut.of(r) for n, r in h.rules.items()}
+        return cls(**{**vars(h), "rules": rules, "store": StoreHealthOut(**vars(h.store))})

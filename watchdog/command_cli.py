@@ -34,13 +34,13 @@ def add_parser(commands) -> None:
     )
     cmd.add_argument("run")
     cmd.add_argument("action", choices=[a.replace("_", "-") for a in ACTIONS])
-    cmd.add_argument("--factor", type=float, help="lower-lr: multiply the LR scale by this (0 < f < 1; default 0.5); "
+    cmd.add_argument("--factor", type=float, help="lower-lr: multiply the LR scale by this (0.01 <= f < 1; default 0.5); "
                      "restore-lr: raise it by this (1 < f <= 10, never above 1; default straight to 1)")
     cmd.add_argument("--min-lr", type=float, help="lower-lr: never below this learning rate")
     cmd.add_argument("--mode", help="enable-clipping: global_norm, clip_l2_per_layer, clip_l2_per_param_type, "
                      "clip_value, renorm_l2_per_layer, renorm_l2_per_param_type or adaptive")
-    cmd.add_argument("--threshold", help="enable-clipping: a positive number or 'auto' (default auto)")
-    cmd.add_argument("--z", type=float, help="enable-clipping --mode adaptive: z-score threshold (default 2.5)")
+    cmd.add_argument("--threshold", help="enable-clipping: a number in (0, 1e6] or 'auto' (default auto)")
+    cmd.add_argument("--z", type=float, help="enable-clipping --mode adaptive: z-score threshold in (0, 100] (default 2.5)")
     cmd.add_argument("--reason", default="operator", help="recorded in the audit log")
     cmd.add_argument("--url", default=None, help=f"watchdog URL (default $GRADWATCH_URL or {DEFAULT_URL})")
     cmd.add_argument("--secret-file", help="file with the shared secret (default $GRADWATCH_SECRET)")
@@ -74,7 +74,12 @@ def build_spec(args: argparse.Namespace) -> Action:
 def run_command(args: argparse.Namespace) -> int:
     try:
         spec = build_spec(args)
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = str(err["loc"][-1]) if err["loc"] else args.action
+            print(f"gradwatch command: invalid {args.action}: {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
         print(f"gradwatch command: invalid {args.action}: {exc}", file=sys.stderr)
         return 2
     body = {"spec": spec.model_dump(mode="json"), "reason": args.reason}

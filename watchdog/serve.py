@@ -21,6 +21,15 @@ from typing import Any
 
 log = logging.getLogger("gradwatch.watchdog")
 
+OPEN_MODE_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "OPEN MODE: no secret is set (GRADWATCH_SECRET / GRADWATCH_SECRET_FILE). Anyone who can reach this port can\n"
+    "register runs, read every run, alert and audit entry, and reload the rules. Registrations are bound to\n"
+    "the registering client's address and a live run cannot be taken from its own agent, but nothing is\n"
+    "authenticated and no remediation command is served. Set a secret for anything but a trusted network.\n"
+    + "!" * 78
+)
+
 
 def serve(overrides: dict[str, Any]) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code. ``overrides``: settings given as flags."""
@@ -93,6 +102,8 @@ def _run(settings, config, sock: socket.socket) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     service.start()
+    if service.commands.secret is None:
+        log.warning(OPEN_MODE_WARNING)
     log.info(
         "gradwatch watchdog serving http://%s:%d (source: %s, %d rules, %d notifiers, store %s)",
         settings.host, settings.port, service.health().source, len(config.rules), len(config.notifiers), settings.db,

@@ -22,10 +22,12 @@ and notifiers under the same lock the loop holds while evaluating.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -37,6 +39,8 @@ from gradwatch.watchdog.alert import Alert, AlertState
 from gradwatch.watchdog.commands import CommandService
 from gradwatch.watchdog.config_file import ConfigError, WatchdogConfig, load_config
 from gradwatch.watchdog.engine import EvalResult, RuleEngine, RuleHealth
+from gradwatch.watchdog.deadman import deadman_alert
+from gradwatch.watchdog.notify.alertmanager import AlertmanagerNotifier
 from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
@@ -45,13 +49,14 @@ from gradwatch.watchdog.remediation import Remediator
 from gradwatch.watchdog.restore import Restorer
 from gradwatch.watchdog.rules.policy import Policy
 from gradwatch.watchdog.samples import SampleStore
-from gradwatch.watchdog.schema import Registration
+from gradwatch.watchdog.refusals import RefusalAudit
+from gradwatch.watchdog.schema import Registration, ReplayGuard
 from gradwatch.watchdog.service_metrics import ServiceMetrics
 from gradwatch.watchdog.settings import Settings
 from gradwatch.watchdog.sources.prometheus import PrometheusSource
 from gradwatch.watchdog.sources.scrape import ScrapeSource
 from gradwatch.watchdog.sources.targets import Target, TargetRegistry
-from gradwatch.watchdog.store import AuditEntry, RunRecord, Store
+from gradwatch.watchdog.store import AuditEntry, RunRecord, Store, WriteHealth
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,8 @@ class ReloadResult:
 
 @dataclass(frozen=True)
 class Health:
-    """For ``/healthz``: ``status`` is ``ok``, ``starting`` (no round yet) or ``stalled`` (the loop is stuck or dead)."""
+    """For ``/healthz``: ``status`` is ``ok``, ``starting`` (no round yet), ``stalled`` (the loop is stuck or
+    dead) or ``unhealthy`` (the store cannot be written)."""
 
     status: str
     source: str
@@ -111,6 +117,7 @@ class Health:
     series: int
     rules: dict[str, RuleHealth]
     notifiers: dict[str, object]
+    store: WriteHealth = WriteHealth(True)
 
 
 def alert_status(alert: Alert) -> str:
@@ -144,6 +151,10 @@ def build_source(settings: Settings, registry: TargetRegistry, samples: SampleSt
     )
 
 
+class RegistrationRefused(Exception):
+    """A (de)registration that would take a live run away from its own agent; the message says why."""
+
+
 class Service:
     """The watchdog: sources, rules, alert state, notifications and the store, driven by one loop.
 
@@ -170,7 +181,9 @@ class Service:
         self.clock = clock
         self.external_url = external_url if external_url is not None else settings.public_url()
         self._owns_store = store is None
-        self.store = store if store is not None else Store(settings.db)
+        self.store = store if store is not None else Store(
+            settings.db, audit_max_rows=settings.audit_max_rows, audit_max_age_s=settings.audit_max_age
+        )
         try:
             self.samples = samples if samples is not None else SampleStore()
             self.registry = TargetRegistry(settings.stale_after, on_change=self._on_target_change)
@@ -189,6 +202,8 @@ class Service:
                 healthy=lambda run, start, now: judge(self.samples, run, None, start, now, nonfinite_lookback_s=0.0),
                 progress=self._progress, restore_after=settings.restore_after, mode=settings.remediation,
             )
+            self.replay_guard = ReplayGuard(settings.replay_cache_size)
+            self.refusals = RefusalAudit(self.store, clock, settings.refusal_audit_window)
         except BaseException:
             if self._owns_store:
                 self.store.close()
@@ -198,6 +213,7 @@ class Service:
         self._lock = threading.Lock()  # the engine and dispatcher: the loop vs a reload
         self._snapshot = Snapshot(rule_health=self.engine.health(), alerts_by_state=_count_states(self.engine.alerts()))
         self._last_prune = -math.inf
+        self._deadman = deadman_alert(clock())  # one firing episode per process
         self._retention: dict[str, float] | None = None  # new rules' history needs, for the next round
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -236,6 +252,7 @@ class Service:
                 log.warning("the evaluation loop did not stop in time; abandoning it")
         self.dispatcher.close()
         self.source.close()
+        self.refusals.flush()
         if self._owns_store:
             self.store.close()
 
@@ -280,11 +297,16 @@ class Service:
             health = self.engine.health()
             self._record(now, result, alerts, health)
             # Decide first, so the notification of a firing alert already says what was done about it.
-            self.remediator.decide(alerts, now)
-            self.restorer.decide(alerts, now)
+            # A store that cannot be written (a full disk) logged it once and /healthz reports it
+            # (the dead-man's alert stops): the round goes on, remediation waits for the store.
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.remediator.decide(alerts, now)
+                self.restorer.decide(alerts, now)
             to_send = self.engine.alerts_to_send(now, self.settings.resend_delay)
             self._annotate(to_send, now)
             self.dispatcher.submit(to_send, now)
+            if self.settings.deadman_alert and self.store.write_health().writable:
+                self.dispatcher.submit([self._deadman], now, to=lambda n: isinstance(n, AlertmanagerNotifier))
         if now - self._last_prune >= PRUNE_EVERY_S:
             self.samples.drop_older_than(now - self.samples.max_age_s)
             self._last_prune = now
@@ -320,6 +342,8 @@ class Service:
             with self.store.transaction():
                 for target, step_value in seen:
                     self.store.touch_run(target.run, target.rank, now, step_value)
+        except sqlite3.OperationalError:
+            pass  # a store that cannot be written logs it once and /healthz reports it, not every round
         except Exception:
             log.exception("cannot record run progress in the store")
 
@@ -343,15 +367,29 @@ class Service:
                 if entries:
                     self.store.append_audit_many(entries)
                 self.store.replace_alerts(alerts)
+        except sqlite3.OperationalError:
+            pass  # a store that cannot be written logs it once and /healthz reports it, not every round
         except Exception:
             log.exception("cannot save alert states to the store")
 
     # -- runs ----------------------------------------------------------------------------
 
-    def register(self, registration: Registration) -> RunStatus:
-        """An agent (re-)registers: persist it, then scrape it from the next round on."""
+    def register(self, registration: Registration, *, authenticated: bool = True) -> RunStatus:
+        """An agent (re-)registers: persist it, then scrape it from the next round on.
+
+        A live registration (answering within ``stale_after``) of another agent instance is
+        replaced only by an ``authenticated`` caller (signed with the secret, or in-process):
+        anyone else gets :class:`RegistrationRefused`, so an anonymous client cannot redirect a run.
+        """
         now = self.clock()
         with self.store.transaction():
+            previous = next(iter(self.store.runs(run=registration.run, rank=registration.rank)), None)
+            if not authenticated and previous is not None and self._held_by_another(previous, registration, now):
+                raise RegistrationRefused(
+                    f"run {registration.run!r} rank {registration.rank} is registered by another live agent "
+                    f"instance; it can be replaced once it has not answered for {self.settings.stale_after:g} s "
+                    "(stale_after), or by a request signed with the secret"
+                )
             record = self.store.register_run(registration, now)
             self.store.append_audit(
                 "run.registered",
@@ -362,9 +400,26 @@ class Service:
         self.registry.register(registration, now)
         return RunStatus(record, None)
 
-    def deregister(self, run: str, rank: int) -> bool:
-        """A run finished cleanly: stop scraping it and forget its series, so its silence is not a stall."""
+    def _held_by_another(self, previous: RunRecord, registration: Registration, now: float) -> bool:
+        live = not previous.stale and now - previous.last_seen < self.settings.stale_after
+        return live and previous.instance is not None and previous.instance != registration.instance
+
+    def deregister(self, run: str, rank: int, *, instance: str | None = None, authenticated: bool = True) -> bool:
+        """A run finished cleanly: stop scraping it and forget its series, so its silence is not a stall.
+
+        An unauthenticated caller must name the registration's own ``instance``
+        (:class:`RegistrationRefused` otherwise).
+        """
         now = self.clock()
+        if not authenticated:
+            record = next(iter(self.store.runs(run=run, rank=rank)), None)
+            if record is None:
+                return False
+            if record.instance is None or instance != record.instance:
+                raise RegistrationRefused(
+                    f"run {run!r} rank {rank} may be deregistered only by its own agent (instance=...) "
+                    "or by a request signed with the secret"
+                )
         target = self.registry.remove((run, rank))
         with self._lock:
             self.samples.drop_matching({"run": run, "rank": str(rank)})
@@ -427,7 +482,7 @@ class Service:
             try:
                 registration = Registration(
                     run=r.run, rank=r.rank, world_size=r.world_size, metrics_url=r.metrics_url,
-                    step=r.last_step or 0, pid=r.pid, hostname=r.hostname,
+                    step=r.last_step or 0, pid=r.pid, hostname=r.hostname, instance=r.instance,
                 )
             except ValueError as exc:  # a row this version cannot use must not stop the others
                 log.warning("not watching stored run %s rank %d: %s", r.run, r.rank, exc)
@@ -517,7 +572,10 @@ class Service:
         snap = self._snapshot
         last = snap.last_round
         status = "ok"
-        if self._thread is not None and (not self._thread.is_alive() and not self._stop.is_set()):
+        store = self.store.write_health(probe_every_s=self.settings.scrape_interval)
+        if not store.writable:
+            status = "unhealthy"  # alerts and commands decided now would not survive a restart
+        elif self._thread is not None and (not self._thread.is_alive() and not self._stop.is_set()):
             status = "stalled"  # the loop died
         elif last is None:
             status = "starting"
@@ -534,6 +592,7 @@ class Service:
             series=snap.series,
             rules=snap.rule_health,
             notifiers={name: dataclasses.asdict(s) for name, s in self.dispatcher.stats().items()},
+            store=store,
         )
 
     def _build_dispatcher(self, config: WatchdogConfig) -> Dispatcher:

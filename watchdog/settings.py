@@ -107,6 +107,31 @@ class Settings(BaseSettings):
         "long (a duration, or optimizer steps like '300 steps'), the watchdog raises the LR scale back x2 per "
         "step and then disables the clipping it enabled, one command per restore_after.",
     )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body the API reads (bytes); a larger one is refused 413 "
+        "before it is read, authenticated or not.",
+    )
+    registration_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a registration's metrics URL may name besides the registering client's own address: "
+        "names, addresses or CIDR networks (e.g. a scrape proxy); `*` allows any (not recommended).",
+    )
+    replay_cache_size: int = Field(
+        100_000, ge=1, description="Signatures remembered to refuse replays within the 300-s signing window.",
+    )
+    refusal_audit_window: PositiveSeconds = Field(
+        60.0, description="Refused requests: one audit row per client and reason per this long, with a count.",
+    )
+    audit_max_rows: int | None = Field(
+        1_000_000, ge=1000, description="Audit log retention: the oldest rows beyond this many are deleted. None: no cap.",
+    )
+    audit_max_age: PositiveSeconds | None = Field(
+        90 * 86400.0, description="Audit log retention: rows older than this are deleted (default 90d). None: no cap.",
+    )
+    deadman_alert: bool = Field(
+        True, description="Send the always-firing GradwatchWatchdog alert (severity none) to every Alertmanager "
+        "notifier while the service is healthy: route it to a dead-man's-switch receiver, so a dead watchdog pages.",
+    )
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = Field(
         "info", description="Log verbosity."
     )

@@ -2,7 +2,13 @@
 
 Holds registered runs, the current alert states (so a firing alert is still firing
 after a restart), notification deliveries (so a restart does not re-notify) and an
-append-only audit log of every alert transition, notification and command.
+append-only audit log of every alert transition, notification and command. The audit
+log has a retention bound (``audit_max_rows``, ``audit_max_age_s``): only its oldest
+rows are ever deleted, by the store itself; a trigger refuses any other delete.
+
+A write that fails (a full disk, an I/O error) is logged once and reported by
+:meth:`Store.write_health`, which the service's ``/healthz`` reads; the caller's
+exception propagates as before.
 
 Durability: WAL journal with ``synchronous=FULL``. In WAL mode ``NORMAL`` already
 survives a crash of this process (a commit is in the OS's cache before it
@@ -18,11 +24,15 @@ transaction, and :meth:`transaction` groups several.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +41,11 @@ from typing import Any
 from gradwatch.watchdog.alert import Alert, AlertState
 from gradwatch.watchdog.schema import Registration
 
+log = logging.getLogger(__name__)
+
 MAX_LIMIT = 10_000  # rows one query may return: the API pages beyond that
+WRITE_FAILURE_HOLD_S = 60.0  # a failed write keeps the store reported unwritable for this long
+PRUNE_AUDIT_EVERY = 1000  # appended rows between two checks of the audit log's retention
 
 
 class StoreError(RuntimeError):
@@ -88,7 +102,21 @@ def _schema_v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX commands_rule ON commands (run, rule, issued_at)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1, _schema_v2]
+def _schema_v3(conn: sqlite3.Connection) -> None:
+    # The registering agent's instance id: who may replace or remove a live registration.
+    conn.execute("ALTER TABLE runs ADD COLUMN instance TEXT")
+    # Retention: rows up to `upto` may be deleted (oldest first, by the store's own pruning); none after.
+    conn.execute("CREATE TABLE audit_retention (upto INTEGER NOT NULL)")
+    conn.execute("INSERT INTO audit_retention (upto) VALUES (0)")
+    conn.execute("DROP TRIGGER audit_no_delete")
+    conn.execute(
+        "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit WHEN old.id > (SELECT upto FROM audit_retention) "
+        "BEGIN SELECT RAISE(ABORT, 'audit log is append-only: only its retention bound removes the oldest rows'); END"
+    )
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")  # e.g. the write probe
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1, _schema_v2, _schema_v3]
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -106,6 +134,16 @@ class RunRecord:
     last_step: int | None
     pid: int | None
     hostname: str | None
+    instance: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteHealth:
+    """Whether the store's last write succeeded; ``error`` and ``since`` describe the current failure."""
+
+    writable: bool
+    error: str | None = None
+    since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,10 +187,24 @@ def alert_from_json(text: str) -> Alert:
 class Store:
     """The watchdog's SQLite store at ``path`` (created if missing; ``":memory:"`` for tests)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL", busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_s: float = 5.0,
+        audit_max_rows: int | None = None,
+        audit_max_age_s: float | None = None,
+    ) -> None:
         self.path = str(path)
+        self.audit_max_rows = audit_max_rows
+        self.audit_max_age_s = audit_max_age_s
         self._lock = threading.RLock()
         self._depth = 0
+        self._appended_since_prune = 0
+        self._write_health = WriteHealth(True)
+        self._last_write_ok = -math.inf  # time.monotonic() of the last committed write
+        self._last_write_failed = -math.inf
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT), not sqlite3's implicit ones.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
@@ -162,6 +214,7 @@ class Store:
         self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         try:
             self._migrate()
+            self.prune_audit()
         except BaseException:
             self._conn.close()
             raise
@@ -194,17 +247,54 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
-                yield self
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                changes = self._conn.total_changes
+                try:
+                    yield self
+                    wrote = self._conn.total_changes > changes  # a transaction that changed nothing proves nothing
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # SQLite may have rolled back itself (e.g. disk full)
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
                 raise
             else:
-                self._conn.execute("COMMIT")
+                if wrote:
+                    self._write_succeeded()
             finally:
                 self._depth = 0
+
+    # -- write health ----------------------------------------------------------------
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+            return  # a constraint or a bug in the caller, not a store that cannot write
+        self._last_write_failed = time.monotonic()
+        if self._write_health.writable:  # logged once per episode, not per write
+            log.error("the store %s cannot be written (%s): /healthz reports it; what is not written is lost "
+                      "on restart", self.path, exc)
+            self._write_health = WriteHealth(False, f"{type(exc).__name__}: {exc}", time.time())
+
+    def _write_succeeded(self) -> None:
+        self._last_write_ok = time.monotonic()
+        # An episode ends only after writes have succeeded for a while with none failing: a disk
+        # with a few free pages lets some writes through, and must not flap or log every time.
+        if not self._write_health.writable and self._last_write_ok - self._last_write_failed >= WRITE_FAILURE_HOLD_S:
+            log.warning("the store %s is writable again", self.path)
+            self._write_health = WriteHealth(True)
+
+    def write_health(self, probe_every_s: float | None = None) -> WriteHealth:
+        """Whether writes succeed. With ``probe_every_s``, one small write (fsynced) tests it when no
+        write succeeded within that long: a store on a full disk is found before anything needs saving."""
+        if probe_every_s is not None and time.monotonic() - self._last_write_ok >= probe_every_s:
+            with contextlib.suppress(sqlite3.Error), self.transaction():
+                self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),))
+        return self._write_health
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -227,13 +317,15 @@ class Store:
         r = registration
         with self.transaction():
             self._conn.execute(
-                """INSERT INTO runs (run, rank, metrics_url, world_size, registered_at, last_seen, stale, last_step, pid, hostname)
-                   VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)
+                """INSERT INTO runs (run, rank, metrics_url, world_size, registered_at, last_seen, stale, last_step, pid,
+                                     hostname, instance)
+                   VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)
                    ON CONFLICT (run, rank) DO UPDATE SET
                      metrics_url=excluded.metrics_url, world_size=excluded.world_size,
                      registered_at=excluded.registered_at, last_seen=excluded.last_seen, stale=0,
-                     last_step=excluded.last_step, pid=excluded.pid, hostname=excluded.hostname""",
-                (r.run, r.rank, str(r.metrics_url), r.world_size, now, now, r.step, r.pid, r.hostname),
+                     last_step=excluded.last_step, pid=excluded.pid, hostname=excluded.hostname,
+                     instance=excluded.instance""",
+                (r.run, r.rank, str(r.metrics_url), r.world_size, now, now, r.step, r.pid, r.hostname, r.instance),
             )
         return self.runs(run=r.run, rank=r.rank)[0]
 
@@ -345,7 +437,39 @@ class Store:
                     ),
                 )
                 ids.append(cur.lastrowid)
+            self._appended_since_prune += len(ids)
+            if self._appended_since_prune >= PRUNE_AUDIT_EVERY:
+                self.prune_audit(now=max(e["time"] for e in entries))
         return ids
+
+    def prune_audit(self, now: float | None = None) -> int:
+        """Apply the retention bound: drop the oldest rows beyond ``audit_max_rows`` and those older than
+        ``audit_max_age_s`` before ``now`` (default: the newest row's time), as a prefix of the log: a row
+        is never dropped before an older one. Returns how many were dropped."""
+        self._appended_since_prune = 0
+        if self.audit_max_rows is None and self.audit_max_age_s is None:
+            return 0
+        with self.transaction():
+            newest = self._conn.execute("SELECT MAX(id) FROM audit").fetchone()[0]
+            if newest is None:
+                return 0
+            upto = 0
+            if self.audit_max_rows is not None:
+                upto = newest - self.audit_max_rows  # ids are contiguous but for pruned prefixes
+            if self.audit_max_age_s is not None:
+                if now is None:  # the newest row's time: a fake clock's store is pruned by its own dates
+                    now = self._conn.execute("SELECT MAX(time) FROM audit").fetchone()[0]
+                cutoff = now - self.audit_max_age_s
+                first_kept = self._conn.execute("SELECT MIN(id) FROM audit WHERE time >= ?", (cutoff,)).fetchone()[0]
+                upto = max(upto, (newest if first_kept is None else first_kept - 1))
+            if upto <= 0:
+                return 0
+            self._conn.execute("UPDATE audit_retention SET upto = MAX(upto, ?)", (upto,))
+            return self._conn.execute("DELETE FROM audit WHERE id <= ?", (upto,)).rowcount
+
+    def audit_size(self) -> int:
+        """Rows in the audit log."""
+        return self._query("SELECT COUNT(*) AS n FROM audit")[0]["n"]
 
     def audit(
         self,

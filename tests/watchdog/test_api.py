@@ -34,7 +34,7 @@ def env(tmp_path, fake_agent):
     path.write_text(RULES)
     clock = Clock()
     service = Service(Settings(db=str(tmp_path / "gw.db"), config=path, scrape_interval=2), clock=clock)
-    client = TestClient(create_app(service))
+    client = TestClient(create_app(service), client=("127.0.0.1", 50000))
     response = client.post("/api/v1/runs", json={"run": "r1", "rank": 0, "metrics_url": fake_agent.url})
     assert response.status_code == 201, response.text
     yield client, service, clock, fake_agent, path
@@ -44,10 +44,10 @@ def env(tmp_path, fake_agent):
 
 def test_register_returns_the_run_and_the_scrape_interval(env):
     client, *_ = env
-    body = client.post("/api/v1/runs", json={"run": "r2", "rank": 1, "world_size": 2, "metrics_url": "http://h:1/metrics"}).json()
+    body = client.post("/api/v1/runs", json={"run": "r2", "rank": 1, "world_size": 2, "metrics_url": "http://127.0.0.1:1/metrics"}).json()
     assert body["scrape_interval_s"] == 2.0
     assert body["run"] | {"registered_at": None, "last_seen": None} == {
-        "run": "r2", "rank": 1, "world_size": 2, "metrics_url": "http://h:1/metrics", "registered_at": None,
+        "run": "r2", "rank": 1, "world_size": 2, "metrics_url": "http://127.0.0.1:1/metrics", "registered_at": None,
         "last_seen": None, "stale": False, "last_step": 0, "pid": None, "hostname": None, "last_error": None,
     }
 
@@ -55,11 +55,11 @@ def test_register_returns_the_run_and_the_scrape_interval(env):
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"run": "has space", "rank": 0, "metrics_url": "http://h:1/metrics"}, "run"),
-        ({"run": "r", "rank": -1, "metrics_url": "http://h:1/metrics"}, "rank"),
+        ({"run": "has space", "rank": 0, "metrics_url": "http://127.0.0.1:1/metrics"}, "run"),
+        ({"run": "r", "rank": -1, "metrics_url": "http://127.0.0.1:1/metrics"}, "rank"),
         ({"run": "r", "rank": 0, "metrics_url": "not a url"}, "metrics_url"),
         ({"run": "r", "rank": 0}, "metrics_url"),
-        ({"run": "r", "rank": 0, "metrics_url": "http://h:1/metrics", "colour": "red"}, "colour"),
+        ({"run": "r", "rank": 0, "metrics_url": "http://127.0.0.1:1/metrics", "colour": "red"}, "colour"),
     ],
 )
 def test_a_bad_registration_is_422_naming_the_field(env, body, field):
@@ -148,7 +148,7 @@ def test_healthz_and_metrics(env):
 def test_healthz_is_503_when_the_loop_stalls(tmp_path):
     clock = Clock()
     service = Service(Settings(db=str(tmp_path / "gw.db"), scrape_interval=3600), clock=clock)
-    client = TestClient(create_app(service))
+    client = TestClient(create_app(service), client=("127.0.0.1", 50000))
     try:
         service.start()  # one round now, the next in an hour of real time
         for _ in range(200):

@@ -23,7 +23,7 @@ def signed(method: str, path: str, body: bytes = b"", secret: str = SECRET) -> d
 @pytest.fixture
 def client(tmp_path):
     service = Service(Settings(db=str(tmp_path / "gw.db"), secret=SECRET, scrape_interval=2))
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), client=("127.0.0.1", 50000)) as c:
         c.service = service
         yield c
     service.close()
@@ -44,6 +44,7 @@ def test_registration_must_be_signed_when_a_secret_is_set(client):
 
 
 def test_operator_command_is_polled_signed_and_acknowledged(client):
+    assert post(client, "/api/v1/runs", {"run": "r1", "rank": 0, "metrics_url": "http://127.0.0.1:1/metrics"}).status_code == 201
     response = post(client, "/api/v1/runs/r1/commands", {"spec": {"action": "lower_lr", "factor": 0.25}, "reason": "me"})
     assert response.status_code == 201, response.text
     command_id = response.json()["id"]
@@ -58,7 +59,7 @@ def test_operator_command_is_polled_signed_and_acknowledged(client):
     listed = client.get("/api/v1/commands?run=r1").json()[0]
     assert listed["ack"]["step"] == 17 and listed["delivered_at"] is not None
     kinds = [e["kind"] for e in client.get("/api/v1/audit?run=r1").json()]
-    assert kinds == ["command.acked", "command.delivered", "command.decided"]
+    assert kinds == ["command.acked", "command.delivered", "command.decided", "run.registered"]
 
 
 def test_invalid_operator_command_names_the_field(client):
@@ -87,8 +88,8 @@ def test_finished_run_is_forgotten(client):
 
 def test_without_a_secret_the_watchdog_notifies_only(tmp_path):
     service = Service(Settings(db=str(tmp_path / "gw.db")))
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), client=("127.0.0.1", 50000)) as c:
         assert c.post("/api/v1/runs/r1/commands", json={"spec": {"action": "lower_lr"}}).status_code == 403
+        assert c.post("/api/v1/runs", json={"run": "r1", "rank": 0, "metrics_url": "http://127.0.0.1:1/metrics"}).status_code == 201
         assert c.get("/api/v1/runs/r1/commands?after=0").json()["commands"] == []
-        assert c.post("/api/v1/runs", json={"run": "r1", "rank": 0, "metrics_url": "http://h:1/metrics"}).status_code == 201
     service.close()

@@ -303,13 +303,14 @@ class Dispatcher:
     def notifier_names(self) -> list[str]:
         return list(self._lanes)
 
-    def submit(self, alerts: Iterable[Alert], now: float) -> None:
+    def submit(self, alerts: Iterable[Alert], now: float, *, to: Callable[[Notifier], bool] | None = None) -> None:
         """Queue alerts (firing, or resolved) for every notifier and return at once.
 
         Called by the service loop after each evaluation with the alerts that need
         sending; each notifier then keeps only those it is due to hear about.
         Pending alerts are ignored. ``now`` is the evaluation time (kept for the
         caller's symmetry with the engine; delivery times come from ``clock``).
+        ``to``: only the notifiers it accepts (e.g. the dead-man's alert goes to Alertmanager only).
         """
         if self._closed:
             log.warning("dispatcher is closed: alerts submitted after close() are not sent")
@@ -318,7 +319,8 @@ class Dispatcher:
         snapshot = [dataclasses.replace(a, annotations=dict(a.annotations)) for a in alerts if _notifiable(a)]
         if snapshot:
             for lane in self._lanes.values():
-                lane.put(snapshot)
+                if to is None or to(lane.notifier):
+                    lane.put(snapshot)
 
     def stats(self) -> dict[str, NotifierStats]:
         """A copy of every notifier's counters, by notifier name."""
