@@ -7,7 +7,7 @@ the single host transfer of a step is marked below. Non-finite steps are turned
 into no-ops by clearing every gradient: optimizers skip parameters whose ``grad``
 is None, so parameters and optimizer state (Adam's moments and step count) stay
 bit-identical, and GradScaler's own skip never reaches this code (no double count;
-``agent.scaler`` counts it when the scaler is given to watch()).
+agent/scaler.py counts it when the scaler is given to watch()).
 """
 
 from __future__ import annotations
