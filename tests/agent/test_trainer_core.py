@@ -270,6 +270,32 @@ def test_lbfgs_closure_is_guarded_at_every_evaluation(attach):
     assert sample(agent, m.STEP) == 6
 
 
+def test_lr_scale_applies_once_to_a_closure_step(attach):
+    """The scale is applied before the closure (for LBFGS) and again after this step's commands:
+    never twice, and the scheduler's LR is given back after the step."""
+    from gradwatch.watchdog.schema import LowerLR
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = attach(model, opt, every=1)
+    agent.remedy.apply(LowerLR(factor=0.5))
+    inputs = batches(model, 1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, inputs)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    for p, w in zip(model.parameters(), before):
+        torch.testing.assert_close(p, w - 0.05 * p.grad)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert sample(agent, m.LEARNING_RATE, group="0") == pytest.approx(0.05)
+
+
 # -- (c) clipping handed to gradwatch: max_grad_norm ----------------------------------------------
 
 
