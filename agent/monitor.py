@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradwatch.agent import clipping, distributed, probe
+from gradwatch.agent import clipping, distributed, probe, sharded
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
@@ -37,6 +37,7 @@ def _norm_dtype(device: torch.device) -> torch.dtype:
 class _PendingRatio:
     present: list[int]
     sums: Tensor  # [n, 2] on device, moved to the host with the next transfer
+    combined: bool = False  # sharded: the sums of every rank's shards (agent.sharded), no longer this rank's own
 
 
 class StepMonitor:
@@ -74,6 +75,9 @@ class StepMonitor:
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
         self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
+        # FSDP2/DTensor parameters: every rank measures its local shards and joins the same reductions
+        # (agent.sharded); None for plain and DDP models.
+        self.shards = sharded.build(params, layer_map.tensor_label, ranks, config)
 
     # -- called by the training thread -------------------------------------------------
 
@@ -99,6 +103,8 @@ class StepMonitor:
         else:  # some got no gradient
             present = [i for i, p in enumerate(self.params) if p.grad is not None]
             params = [self.params[i] for i in present]
+        if self.shards is not None:  # sharded: from here on the local shards (views: clipping acts on them)
+            grads, params = sharded.local(grads), sharded.local(params)
         device = grads[0].device if grads else torch.device("cpu")
         commands = self.commands.take()
         sampled = bool(grads) and self.step % self.config.every == 0
@@ -106,20 +112,24 @@ class StepMonitor:
         remedy = self.remedy
         layout = self._layout_for(present, grads) if grads else None
 
-        stats = probe.grad_stats(grads, params, layout, with_min=detail) if sampled and self.per_layer else None
-        if stats is not None:
-            norms = stats[:, probe.GRAD_NORM]
-        elif grads and (sampled or remedy.clipping_active or self.config.guard):
-            # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
-            # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
-            norms = probe.l2_norms(grads, layout)
+        whole = self._measure_shards(present, grads, params, layout, len(commands)) if self.shards is not None else None
+        if whole is not None:  # sharded: the whole gradient's values, the same on every rank
+            stats, norms = (whole.stats if sampled else None), (whole.norms if grads else None)
         else:
-            norms = None
+            stats = probe.grad_stats(grads, params, layout, with_min=detail) if sampled and self.per_layer else None
+            if stats is not None:
+                norms = stats[:, probe.GRAD_NORM]
+            elif grads and (sampled or remedy.clipping_active or self.config.guard):
+                # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
+                # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
+                norms = probe.l2_norms(grads, layout)
+            else:
+                norms = None
         # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
         # squares overflowed (in float64 here, so squaring finite float32 norms cannot overflow).
         global_norm = torch.linalg.vector_norm(norms, dtype=_norm_dtype(norms.device)) if norms is not None else None
-        any_bad = None  # None: this rank decides alone, on the host
-        if self.ranks.distributed and self.config.sync_ranks:
+        any_bad = None if whole is None else whole.any_bad  # None: this rank decides alone, on the host
+        if whole is None and self.ranks.distributed and self.config.sync_ranks:
             local_bad = (~torch.isfinite(global_norm)).float() if global_norm is not None else torch.zeros((), device=device)
             any_bad = self._sync(local_bad, len(commands))
         if self._peer_commands:
@@ -141,6 +151,7 @@ class StepMonitor:
             for name, value in (
                 ("global_norm", global_norm),
                 ("any_bad", any_bad),
+                ("local_bad", whole.local_bad if whole is not None else None),
                 ("loss", loss),
                 ("loss_max", None if loss_max is loss else loss_max),
                 ("clip_threshold", zclip),
@@ -167,7 +178,7 @@ class StepMonitor:
             self.telemetry.record_peak("loss", values.get("loss_max", values["loss"]))
         if "clip_threshold" in values:
             updates["clip_threshold"] = values["clip_threshold"]
-        local_bad = not math.isfinite(values["global_norm"])
+        local_bad = bool(values["local_bad"]) if "local_bad" in values else not math.isfinite(values["global_norm"])
         if values.get("any_bad", local_bad):
             self.telemetry.update(**updates)
             self._skip(present, grads, local=local_bad)
@@ -179,18 +190,19 @@ class StepMonitor:
             layers = self.layer_map.fold_stats(present, rows, abs_min=None if detail else self._min)
             if detail:
                 self._min = dict(zip(layers, layers.column("grad_abs_min")))
-            updates["layers"] = layers
+            if self.per_layer:  # sharded: every rank folds the (identical) rows, for the remediation history
+                updates["layers"] = layers
             remedy.observe_healthy(
                 values["global_norm"], max(layers.column("grad_norm")), max(layers.column("grad_abs_max"))
             )
         elif sampled:
             remedy.observe_healthy(values["global_norm"], None, None)
-        if ratio is not None:
+        if ratio is not None and self.per_layer:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
         updates["grad_global_norm"] = values["global_norm"]
         self.telemetry.record_peak("grad_global_norm", values["global_norm"])
-        if detail and self.per_layer:
+        if detail and (self.per_layer or self.shards is not None):
             self._before = (present, layout, probe.snapshot(params, layout))
         self._hold_spike(grads, norms, values["global_norm"], present)
         self._clip_and_scale(grads, norms, present)
@@ -236,6 +248,21 @@ class StepMonitor:
             self.remedy.clip(grads, norms, self.layer_map.module_unit[present].to(norms.device))
         self.remedy.apply_lr(self.optimizer)
 
+    def _measure_shards(
+        self, present: list[int], grads: list[Tensor], params: list[Tensor], layout: probe.Layout | None, n_commands: int
+    ) -> sharded.Combined:
+        """Sharded parameters: this step's collectives (the guard's decision and command count ride in them)."""
+        pending = self._ratio
+        own = None if pending is None or pending.combined else (pending.present, pending.sums)
+        whole = self.shards.measure(
+            self.step, present, grads, params, layout,
+            clipping=self.remedy.clipping_active, n_commands=n_commands, ratio=own,
+        )
+        if own is not None:
+            self._ratio = None if whole.ratio is None else _PendingRatio(pending.present, whole.ratio, combined=True)
+        self._peer_commands = whole.n_commands > 0
+        return whole
+
     def _layout_for(self, present: list[int], grads: list[Tensor]) -> probe.Layout:
         """The probe's layout for this step's gradients: built again when other parameters
         have gradients, or the model moved to another device."""
@@ -261,6 +288,14 @@ class StepMonitor:
         (so other ranks do not hang) and skip the step if any rank asked to. The probe's layout is
         built afresh next step, in case it no longer fits the gradients (one changed shape or device)."""
         self._layout = None
+        if self.shards is not None:  # sharded: join what this step's reductions still expect from this rank
+            bad, owed_commands = self.shards.recover(self.step, self.remedy.clipping_active)
+            if owed_commands:  # rank 0 counted commands in the reduction just joined: receive them too
+                self.commands.apply(self.commands.broadcast([]), self.step)
+            if bad and not self._skipping:
+                self._clear_grads()
+                self.telemetry.count("skipped", "nonfinite_peer")
+            return
         if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
             device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
             if self._sync(torch.zeros((), device=device), 0).item():
@@ -274,7 +309,10 @@ class StepMonitor:
             return
         present, layout, before = self._before
         self._before = None
-        self._ratio = _PendingRatio(present, probe.update_l1(before, [self.params[i] for i in present], layout))
+        after = [self.params[i] for i in present]
+        if self.shards is not None:
+            after = sharded.local(after)
+        self._ratio = _PendingRatio(present, probe.update_l1(before, after, layout))
 
     # -- the rare path -----------------------------------------------------------------
 
