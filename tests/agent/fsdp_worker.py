@@ -1,0 +1,113 @@
+"""One rank of the 2-process gloo FSDP2 tests (spawned; must be importable by name).
+
+The MLP's linear layers and the root are sharded with ``fully_shard`` over both ranks, so each rank
+holds half of every 16-row tensor and, of the 1-row head, one rank holds all and the other an empty
+shard. Each rank trains on its own batches (generator 100 + rank); FSDP2 averages the gradients.
+"""
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import gradwatch.agent
+from gradwatch.watchdog import metric_names as m
+from gradwatch.watchdog.schema import EnableClipping
+from tests.agent.models import MLP, loss_of
+
+STEPS = 6
+NAN_AT = 2  # loop index whose gradient gets a NaN in one element of rank 1's shard of layers.0.weight
+CLIP = 0.05  # global-norm clipping in force on every rank from the start
+DETAIL_EVERY = 2
+FAIL_AT = 1  # with fail=True: rank 1's measurement raises at this loop index
+
+PER_LAYER = {
+    "grad_norm": m.GRAD_NORM,
+    "grad_abs_mean": m.GRAD_ABS_MEAN,
+    "grad_abs_max": m.GRAD_ABS_MAX,
+    "grad_abs_min": m.GRAD_ABS_MIN,
+    "param_norm": m.PARAM_NORM,
+    "update_ratio": m.UPDATE_RATIO,
+}
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def build_model() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, fail: bool = False) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the MLP returns a view (squeeze)
+    os.environ["LOCAL_RANK"] = str(rank)
+    records = _Records()
+    logging.getLogger("gradwatch.agent").addHandler(records)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build_model()
+        for layer in model.layers:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        agent = gradwatch.agent.watch(model, opt, run="fsdp", port=0, every=1, detail_every=DETAIL_EVERY)
+        agent.remedy.apply(EnableClipping(mode="global_norm", threshold=CLIP))  # as a command would, on every rank
+        if fail and rank == 1:
+            measure = agent.monitor.shards.measure
+
+            def failing(step, *args, **kwargs):
+                if step == FAIL_AT + 1:
+                    raise RuntimeError("injected measurement failure")
+                return measure(step, *args, **kwargs)
+
+            agent.monitor.shards.measure = failing
+        gen = torch.Generator().manual_seed(100 + rank)
+        labels = {"run": "fsdp", "rank": str(rank)}
+        global_norms = []
+        for i in range(STEPS):
+            opt.zero_grad()
+            loss_of(model, model.example(gen)).backward()
+            if i == NAN_AT and rank == 1:
+                model.layers[0].weight.grad.to_local()[0, 0] = float("nan")
+            opt.step()
+            global_norms.append(agent.registry.get_sample_value(m.GRAD_GLOBAL_NORM, labels))
+        families = {f.name: f for f in agent.registry.collect()}
+        per_layer = {
+            key: {s.labels["layer"]: s.value for s in families[name].samples}
+            for key, name in PER_LAYER.items()
+            if name in families
+        }
+        result = {
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()],  # a collective: every rank
+            "names": [n for n, _ in model.named_parameters()],
+            "global_norms": global_norms,
+            "per_layer": per_layer,
+            "step": agent.registry.get_sample_value(m.STEP, labels),
+            "skipped": {
+                s.labels["reason"]: s.value
+                for s in families[m.SKIPPED_STEPS_TOTAL.removesuffix("_total")].samples
+                if s.value
+            },
+            "nonfinite": {
+                (s.labels["layer"], s.labels["kind"]): s.value
+                for s in families[m.NONFINITE_GRADS_TOTAL.removesuffix("_total")].samples
+                if s.value
+            },
+            "logged": [(r.levelname, r.getMessage(), r.exc_info is not None) for r in records.records],
+        }
+        agent.close()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

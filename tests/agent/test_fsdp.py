@@ -1,0 +1,104 @@
+"""FSDP2 (``fully_shard``) on two real gloo processes: the exported values are those of the whole,
+unsharded gradient, every rank skips a step whose gradient holds a NaN on one rank's shard, and
+global-norm clipping acts on the shards with the global total."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.agent import fsdp_worker as w
+from tests.agent.models import loss_of
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+def run_two_ranks(tmp_path, fail: bool = False):
+    mp.start_processes(w.run, args=(2, str(tmp_path / "init"), str(tmp_path), fail), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def reference():
+    """The same model and batches on one process, unsharded: each step's gradient is the mean of the
+    two ranks' batch gradients (what FSDP2 reduces), the NaN step's batches are dropped, and the
+    gradient is clipped to the global norm ``CLIP`` by hand."""
+    model = w.build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    global_norms, layers, ratios = [], {}, {}
+    for i in range(w.STEPS):
+        batches = [model.example(g) for g in gens]
+        opt.zero_grad()
+        (sum(loss_of(model, b) for b in batches) / 2).backward()
+        if i == w.NAN_AT:  # skipped on every rank: as if these batches were dropped
+            global_norms.append(None)
+            continue
+        named = list(model.named_parameters())
+        total = math.sqrt(sum(float(p.grad.double().square().sum()) for _, p in named))
+        global_norms.append(total)
+        layers = {
+            n: {
+                "grad_norm": float(p.grad.norm()),
+                "grad_abs_mean": float(p.grad.abs().mean()),
+                "grad_abs_max": float(p.grad.abs().max()),
+                "grad_abs_min": float(p.grad.abs().min()),
+                "param_norm": float(p.detach().norm()),
+            }
+            for n, p in named
+        }
+        coef = w.CLIP / max(total, w.CLIP)
+        before = {n: p.detach().clone() for n, p in named}
+        for _, p in named:
+            p.grad.mul_(coef)
+        opt.step()
+        ratios[i + 1] = {n: float((p.detach() - before[n]).abs().sum() / before[n].abs().sum()) for n, p in named}
+    return global_norms, layers, ratios, [p.detach() for p in model.parameters()]
+
+
+def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_together(tmp_path):
+    r0, r1 = run_two_ranks(tmp_path)
+    global_norms, layers, ratios, weights = reference()
+
+    # Every rank exports the whole gradient's global norm (not its shard's), before clipping.
+    for r in (r0, r1):
+        for i, expected in enumerate(global_norms):
+            if expected is not None:  # a skipped step leaves the last measured value
+                assert r["global_norms"][i] == pytest.approx(expected, rel=1e-5), i
+    # Per-layer detail on rank 0 only, under the plain model's parameter names; the last step
+    # (a detail step) against the unsharded gradient, and the update ratio of the last detail step
+    # whose ratio was exported (step 4; step 6's rides with a next step).
+    assert not any(r1["per_layer"].values())
+    assert set(r0["per_layer"]["grad_norm"]) == set(layers) == set(r0["names"])
+    for key in ("grad_norm", "grad_abs_mean", "grad_abs_max", "grad_abs_min", "param_norm"):
+        for layer, values in layers.items():
+            assert r0["per_layer"][key][layer] == pytest.approx(values[key], rel=1e-5, abs=1e-9), (key, layer)
+    for layer, ratio in ratios[4].items():
+        assert r0["per_layer"]["update_ratio"][layer] == pytest.approx(ratio, rel=1e-4), layer
+
+    # The NaN was in rank 1's shard only; rank 0 skipped because of it (the combined count told it).
+    assert r1["skipped"] == {"nonfinite": 1} and r1["nonfinite"] == {("layers.0.weight", "nan"): 1}
+    assert r0["skipped"] == {"nonfinite_peer": 1} and r0["nonfinite"] == {}
+    assert r0["step"] == r1["step"] == w.STEPS
+    # Weights: finite, the same on both ranks, and those of the run without the NaN step's batches,
+    # with the clipping applied on the shards equal to clipping the whole gradient.
+    for a, b, ref in zip(r0["params"], r1["params"], weights):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
+    for r in (r0, r1):
+        assert [entry for entry in r["logged"] if entry[0] in ("ERROR", "CRITICAL") or entry[2]] == []
+
+
+def test_a_measurement_failure_on_one_rank_neither_hangs_nor_splits_the_guard(tmp_path):
+    """Rank 1's measurement raises at one step: it joins that step's reductions with neutral values,
+    both ranks carry on, and the NaN step later is still skipped by both."""
+    r0, r1 = run_two_ranks(tmp_path, fail=True)
+    assert r0["step"] == r1["step"] == w.STEPS
+    assert r1["skipped"] == {"nonfinite": 1} and r0["skipped"] == {"nonfinite_peer": 1}
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    failures = [entry for entry in r1["logged"] if entry[2]]
+    assert len(failures) == 1 and "monitoring failed" in failures[0][1]
+    assert [entry for entry in r0["logged"] if entry[0] == "ERROR" or entry[2]] == []
