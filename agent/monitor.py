@@ -138,6 +138,9 @@ class StepMonitor:
             self.commands.apply(commands, self.step)
         if norms is None:
             self.telemetry.update(step=self.step)
+            if whole is not None and whole.n_bad:  # sharded, some rank could not measure: the NaN skip still holds
+                self._skip(present, grads, local=bool(whole.local_bad))
+                return
             self._clip_and_scale(grads, norms, present)
             return
 

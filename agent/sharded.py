@@ -11,7 +11,7 @@ The collectives of one optimizer step, issued by every rank in this order whatev
 data (their sizes follow from the step number and the settings alone, so they always match):
 
 1. every step, one all-reduce SUM of float64: the number of ranks whose shards hold a NaN/Inf,
-   rank 0's command count, per-tensor squared gradient norms (when the guard, clipping or sampling
+   rank 0's command count, the number of ranks whose measurement failed, per-tensor squared gradient norms (when the guard, clipping or sampling
    needs them); on sampled steps also per-tensor L1 sums and squared parameter norms; on the step
    after a detail step the update ratio's two L1 sums per tensor and the number of ranks that
    measured them;
@@ -81,18 +81,19 @@ class _Plan:
 
     def sizes(self, n: int) -> tuple[int, int]:
         """Lengths of the SUM and MAX vectors for ``n`` watched tensors."""
-        return 2 + self.ratio + n * (self.norms + 2 * self.sampled + 2 * self.ratio), n * (self.sampled + self.detail)
+        return 3 + self.ratio + n * (self.norms + 2 * self.sampled + 2 * self.ratio), n * (self.sampled + self.detail)
 
 
 @dataclass
 class Combined:
     """One step's values of the whole gradient, identical on every rank (device tensors unless noted)."""
 
-    norms: Tensor | None  # [len(present)] float32 L2 norm of each tensor's gradient
-    stats: Tensor | None  # [len(present), probe.N_COLUMNS] float32, sampled steps
+    norms: Tensor | None  # [len(present)] float32 L2 norm of each tensor's gradient; None when some rank failed
+    stats: Tensor | None  # [len(present), probe.N_COLUMNS] float32, sampled steps; None when some rank failed
     any_bad: Tensor  # 0-d: 1.0 when some rank's shards hold a NaN/Inf
     local_bad: Tensor  # 0-d: 1.0 when this rank's own shards do
     n_commands: int  # rank 0's command count (host)
+    n_bad: int  # ranks whose shards hold a NaN/Inf (host)
     ratio: Tensor | None  # [len(ratio_present), 2] update-ratio sums; None unless every rank measured them
 
 
@@ -203,7 +204,7 @@ class Shards:
                 n_ratio = 1.0
             else:
                 blocks += [zeros, zeros]
-        head = torch.tensor([0.0, float(n_commands), n_ratio][: 2 + plan.ratio], dtype=torch.float64, device=device)
+        head = torch.tensor([0.0, float(n_commands), 0.0, n_ratio][: 3 + plan.ratio], dtype=torch.float64, device=device)
         head[0] = local_bad
         total = torch.cat([head, *blocks])
         high = torch.cat(highs) if highs else None
@@ -238,8 +239,17 @@ class Shards:
     ) -> Combined:
         n = self.n
         # Host sync: the command count decides whether a broadcast follows (the guard's transfer needs the values anyway).
-        head = total[: 2 + plan.ratio].tolist()
-        blocks = total[2 + plan.ratio :].view(-1, n)
+        head = total[: 3 + plan.ratio].tolist()
+        n_bad, n_commands, n_failed = int(head[0]), int(head[1]), int(head[2])
+        any_bad = (total[0] > 0).float()
+        if n_failed:
+            # That rank's shards are missing from the sums: no values this step, and so no clipping on
+            # any rank (HSDP replicas stay identical); a NaN found by the others still skips the step.
+            self._warn.warning(
+                "failed", "gradwatch: %d rank(s) could not measure their shards: this step goes unmeasured and unclipped on every rank", n_failed
+            )
+            return Combined(None, None, any_bad, local_bad.float(), n_commands, n_bad, None)
+        blocks = total[3 + plan.ratio :].view(-1, n)
         pick = (lambda v: v) if where is None else (lambda v: v[where])
         row = 0
         norms = stats = None
@@ -254,20 +264,19 @@ class Shards:
             low = -pick(highs[1]) if plan.detail else torch.full_like(l1, math.nan)
             stats = torch.stack([l2, l1, pick(highs[0]), low, psq.sqrt()], 1).float()
         combined_ratio = None
-        if plan.ratio and ratio is not None and head[2] == self.world:
+        if plan.ratio and ratio is not None and head[3] == self.world:
             at = ratio[0]
             sums = torch.stack([blocks[row], blocks[row + 1]], 1)
             combined_ratio = sums if len(at) == n else sums[torch.tensor(at, device=sums.device)]
         elif plan.ratio and ratio is not None:
-            self._warn.warning("ratio", "gradwatch: update ratio not exported: %d of %d ranks measured it", int(head[2]), self.world)
-        any_bad = (total[0] > 0).float()
-        return Combined(norms, stats, any_bad, local_bad.float(), int(head[1]), combined_ratio)
+            self._warn.warning("ratio", "gradwatch: update ratio not exported: %d of %d ranks measured it", int(head[3]), self.world)
+        return Combined(norms, stats, any_bad, local_bad.float(), n_commands, n_bad, combined_ratio)
 
     @torch.no_grad()
     def recover(self, step: int, clipping: bool) -> tuple[bool, int]:
         """After a failure inside this step's monitoring on this rank: join the reductions the other
-        ranks are in, if this rank had not reached them, with values that change nothing (zeros
-        for sums, −inf for maxima). Returns whether some rank found a NaN/Inf (this rank then skips
+        ranks are in, if this rank had not reached them: counted as failed, with values that change
+        nothing (zeros for sums, −inf for maxima). Returns whether some rank found a NaN/Inf (this rank then skips
         with them) and the command count of a reduction joined here (its broadcast follows)."""
         if self._reduced_step == step:
             return bool(self._total[0] > 0), 0
@@ -275,6 +284,7 @@ class Shards:
         n_sum, n_high = plan.sizes(self.n)
         device = self._device()
         total = torch.zeros(n_sum, dtype=torch.float64, device=device)
+        total[2] = 1.0  # this rank failed
         high = torch.full((n_high,), -math.inf, dtype=torch.float64, device=device) if plan.sampled else None
         self._reduce(step, total, high)
         return bool(total[0] > 0), int(total[1])

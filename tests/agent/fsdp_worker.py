@@ -1,8 +1,10 @@
 """One rank of the 2-process gloo FSDP2 tests (spawned; must be importable by name).
 
-The MLP's linear layers and the root are sharded with ``fully_shard`` over both ranks, so each rank
-holds half of every 16-row tensor and, of the 1-row head, one rank holds all and the other an empty
-shard. Each rank trains on its own batches (generator 100 + rank); FSDP2 averages the gradients.
+The MLP's linear layers and the root go through ``fully_shard``. ``mesh="fsdp"``: sharded over both
+ranks, so each rank holds half of every 16-row tensor and, of the 1-row head, one rank holds all and
+the other an empty shard. ``mesh="hsdp"``: a 2x1 mesh (replicate x shard), every tensor whole on
+both ranks (placements Replicate, Shard(0)). Each rank trains on its own batches (generator
+100 + rank); FSDP2 averages the gradients.
 """
 
 import logging
@@ -11,6 +13,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import gradwatch.agent
@@ -48,7 +51,7 @@ def build_model() -> MLP:
     return MLP()
 
 
-def run(rank: int, world: int, init_file: str, out_dir: str, fail: bool = False) -> None:
+def run(rank: int, world: int, init_file: str, out_dir: str, mesh: str, fail: bool) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the MLP returns a view (squeeze)
     os.environ["LOCAL_RANK"] = str(rank)
@@ -57,10 +60,14 @@ def run(rank: int, world: int, init_file: str, out_dir: str, fail: bool = False)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = build_model()
+        if mesh == "fsdp":
+            device_mesh = init_device_mesh("cpu", (world,))
+        else:
+            device_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
         for layer in model.layers:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+                fully_shard(layer, mesh=device_mesh)
+        fully_shard(model, mesh=device_mesh)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         agent = gradwatch.agent.watch(model, opt, run="fsdp", port=0, every=1, detail_every=DETAIL_EVERY)
         agent.remedy.apply(EnableClipping(mode="global_norm", threshold=CLIP))  # as a command would, on every rank
@@ -92,6 +99,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str, fail: bool = False)
         result = {
             "params": [p.full_tensor().detach().clone() for p in model.parameters()],  # a collective: every rank
             "names": [n for n, _ in model.named_parameters()],
+            "placements": {tuple(repr(p) for p in param.placements) for param in model.parameters()},
             "global_norms": global_norms,
             "per_layer": per_layer,
             "step": agent.registry.get_sample_value(m.STEP, labels),

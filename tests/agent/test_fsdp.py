@@ -15,15 +15,15 @@ from tests.agent.models import loss_of
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 
-def run_two_ranks(tmp_path, fail: bool = False):
-    mp.start_processes(w.run, args=(2, str(tmp_path / "init"), str(tmp_path), fail), nprocs=2, start_method="spawn")
+def run_two_ranks(tmp_path, mesh: str, fail: bool = False):
+    mp.start_processes(w.run, args=(2, str(tmp_path / "init"), str(tmp_path), mesh, fail), nprocs=2, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-def reference():
+def reference(unclipped: tuple[int, ...] = ()):
     """The same model and batches on one process, unsharded: each step's gradient is the mean of the
     two ranks' batch gradients (what FSDP2 reduces), the NaN step's batches are dropped, and the
-    gradient is clipped to the global norm ``CLIP`` by hand."""
+    gradient is clipped to the global norm ``CLIP`` by hand (except at the loop indices ``unclipped``)."""
     model = w.build_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
@@ -48,7 +48,7 @@ def reference():
             }
             for n, p in named
         }
-        coef = w.CLIP / max(total, w.CLIP)
+        coef = 1.0 if i in unclipped else w.CLIP / max(total, w.CLIP)
         before = {n: p.detach().clone() for n, p in named}
         for _, p in named:
             p.grad.mul_(coef)
@@ -58,8 +58,9 @@ def reference():
 
 
 def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_together(tmp_path):
-    r0, r1 = run_two_ranks(tmp_path)
+    r0, r1 = run_two_ranks(tmp_path, "fsdp")
     global_norms, layers, ratios, weights = reference()
+    assert r0["placements"] == {("Shard(dim=0)",)}
 
     # Every rank exports the whole gradient's global norm (not its shard's), before clipping.
     for r in (r0, r1):
@@ -91,14 +92,28 @@ def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_togeth
         assert [entry for entry in r["logged"] if entry[0] in ("ERROR", "CRITICAL") or entry[2]] == []
 
 
-def test_a_measurement_failure_on_one_rank_neither_hangs_nor_splits_the_guard(tmp_path):
-    """Rank 1's measurement raises at one step: it joins that step's reductions with neutral values,
-    both ranks carry on, and the NaN step later is still skipped by both."""
-    r0, r1 = run_two_ranks(tmp_path, fail=True)
+def test_replicated_shards_count_once_and_a_failure_on_one_rank_keeps_the_replicas_identical(tmp_path):
+    """HSDP (every tensor replicated on both ranks): sums divided by the replication factor. Rank 1's
+    measurement raises at one step: it joins that step's reductions as failed, so every rank leaves
+    that step unmeasured and unclipped (the replicas stay identical), nobody hangs, and the NaN
+    step later is still skipped by both."""
+    r0, r1 = run_two_ranks(tmp_path, "hsdp", fail=True)
+    global_norms, layers, _, weights = reference(unclipped=(w.FAIL_AT,))
+    assert r0["placements"] == {("Replicate()", "Shard(dim=0)")}
+    for r in (r0, r1):
+        for i, expected in enumerate(global_norms):
+            if i == w.FAIL_AT:  # unmeasured: the previous step's value stays
+                assert r["global_norms"][i] == r["global_norms"][i - 1]
+            elif expected is not None:
+                assert r["global_norms"][i] == pytest.approx(expected, rel=1e-5), i
+    for layer, values in layers.items():
+        assert r0["per_layer"]["grad_norm"][layer] == pytest.approx(values["grad_norm"], rel=1e-5), layer
     assert r0["step"] == r1["step"] == w.STEPS
     assert r1["skipped"] == {"nonfinite": 1} and r0["skipped"] == {"nonfinite_peer": 1}
-    for a, b in zip(r0["params"], r1["params"]):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
+    for a, b, ref in zip(r0["params"], r1["params"], weights):
+        assert torch.equal(a, b)  # two replicas, each updated by its own rank
+        torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-6)
     failures = [entry for entry in r1["logged"] if entry[2]]
     assert len(failures) == 1 and "monitoring failed" in failures[0][1]
     assert [entry for entry in r0["logged"] if entry[0] == "ERROR" or entry[2]] == []
+    assert any("could not measure their shards" in entry[1] for entry in r0["logged"])
