@@ -111,6 +111,10 @@ class Shards:
         self._reduced_step = -1
         self._total: Tensor | None = None  # the latest SUM vector, for recover()
         self._warn = Throttled(log)
+        # NCCL reduces only CUDA tensors: with CPU-offloaded parameters (FSDP2's CPUOffloadPolicy) the
+        # vectors travel through the current CUDA device for their collectives.
+        nccl = self.world > 1 and dist.get_backend() == "nccl"
+        self._comm = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         if not config.sync_ranks:
             log.warning("gradwatch: sync_ranks=False has no effect with sharded parameters: their statistics need the ranks combined")
         self._check_same_parameters()
@@ -121,7 +125,7 @@ class Shards:
         if self.world == 1:
             return
         shape = [float(self.n), float(sum(p.numel() for p in self.params))]
-        mine = torch.tensor(shape + [-v for v in shape], dtype=torch.float64, device=self._device())
+        mine = torch.tensor(shape + [-v for v in shape], dtype=torch.float64, device=self._comm or self._device())
         dist.all_reduce(mine, op=dist.ReduceOp.MAX)
         high, low = mine[:2].tolist(), (-mine[2:]).tolist()
         if high != low:
@@ -229,9 +233,13 @@ class Shards:
     def _reduce(self, step: int, total: Tensor, high: Tensor | None) -> None:
         """The step's collectives (every rank, this order)."""
         if self.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            if high is not None:
-                dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            for vector, op in ((total, dist.ReduceOp.SUM), (high, dist.ReduceOp.MAX)):
+                if vector is None:
+                    continue
+                moved = vector if self._comm is None or vector.device == self._comm else vector.to(self._comm)
+                dist.all_reduce(moved, op=op)
+                if moved is not vector:
+                    vector.copy_(moved)
         self._reduced_step, self._total = step, total
 
     def _unpack(
