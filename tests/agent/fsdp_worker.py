@@ -51,71 +51,83 @@ def build_model() -> MLP:
     return MLP()
 
 
-def run(rank: int, world: int, init_file: str, out_dir: str, mesh: str, fail: bool) -> None:
+SCENARIOS = (("fsdp", False), ("hsdp", True))
+"""(mesh, fail) pairs, run one after the other by the same two processes (a spawn costs more than a run)."""
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the MLP returns a view (squeeze)
     os.environ["LOCAL_RANK"] = str(rank)
-    records = _Records()
-    logging.getLogger("gradwatch.agent").addHandler(records)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = build_model()
-        if mesh == "fsdp":
-            device_mesh = init_device_mesh("cpu", (world,))
-        else:
-            device_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
-        for layer in model.layers:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=device_mesh)
-        fully_shard(model, mesh=device_mesh)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        agent = gradwatch.agent.watch(model, opt, run="fsdp", port=0, every=1, detail_every=DETAIL_EVERY)
-        agent.remedy.apply(EnableClipping(mode="global_norm", threshold=CLIP))  # as a command would, on every rank
-        if fail and rank == 1:
-            measure = agent.monitor.shards.measure
-
-            def failing(step, *args, **kwargs):
-                if step == FAIL_AT + 1:
-                    raise RuntimeError("injected measurement failure")
-                return measure(step, *args, **kwargs)
-
-            agent.monitor.shards.measure = failing
-        gen = torch.Generator().manual_seed(100 + rank)
-        labels = {"run": "fsdp", "rank": str(rank)}
-        global_norms = []
-        for i in range(STEPS):
-            opt.zero_grad()
-            loss_of(model, model.example(gen)).backward()
-            if i == NAN_AT and rank == 1:
-                model.layers[0].weight.grad.to_local()[0, 0] = float("nan")
-            opt.step()
-            global_norms.append(agent.registry.get_sample_value(m.GRAD_GLOBAL_NORM, labels))
-        families = {f.name: f for f in agent.registry.collect()}
-        per_layer = {
-            key: {s.labels["layer"]: s.value for s in families[name].samples}
-            for key, name in PER_LAYER.items()
-            if name in families
-        }
-        result = {
-            "params": [p.full_tensor().detach().clone() for p in model.parameters()],  # a collective: every rank
-            "names": [n for n, _ in model.named_parameters()],
-            "placements": {tuple(repr(p) for p in param.placements) for param in model.parameters()},
-            "global_norms": global_norms,
-            "per_layer": per_layer,
-            "step": agent.registry.get_sample_value(m.STEP, labels),
-            "skipped": {
-                s.labels["reason"]: s.value
-                for s in families[m.SKIPPED_STEPS_TOTAL.removesuffix("_total")].samples
-                if s.value
-            },
-            "nonfinite": {
-                (s.labels["layer"], s.labels["kind"]): s.value
-                for s in families[m.NONFINITE_GRADS_TOTAL.removesuffix("_total")].samples
-                if s.value
-            },
-            "logged": [(r.levelname, r.getMessage(), r.exc_info is not None) for r in records.records],
-        }
-        agent.close()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        for mesh, fail in SCENARIOS:
+            result = train(rank, world, mesh, fail)
+            torch.save(result, os.path.join(out_dir, f"{mesh}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def train(rank: int, world: int, mesh: str, fail: bool) -> dict:
+    records = _Records()
+    logger = logging.getLogger("gradwatch.agent")
+    logger.addHandler(records)
+    model = build_model()
+    if mesh == "fsdp":
+        device_mesh = init_device_mesh("cpu", (world,))
+    else:
+        device_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    for layer in model.layers:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=device_mesh)
+    fully_shard(model, mesh=device_mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    agent = gradwatch.agent.watch(model, opt, run="fsdp", port=0, every=1, detail_every=DETAIL_EVERY)
+    agent.remedy.apply(EnableClipping(mode="global_norm", threshold=CLIP))  # as a command would, on every rank
+    if fail and rank == 1:
+        measure = agent.monitor.shards.measure
+
+        def failing(step, *args, **kwargs):
+            if step == FAIL_AT + 1:
+                raise RuntimeError("injected measurement failure")
+            return measure(step, *args, **kwargs)
+
+        agent.monitor.shards.measure = failing
+    gen = torch.Generator().manual_seed(100 + rank)
+    labels = {"run": "fsdp", "rank": str(rank)}
+    global_norms = []
+    for i in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, model.example(gen)).backward()
+        if i == NAN_AT and rank == 1:
+            model.layers[0].weight.grad.to_local()[0, 0] = float("nan")
+        opt.step()
+        global_norms.append(agent.registry.get_sample_value(m.GRAD_GLOBAL_NORM, labels))
+    families = {f.name: f for f in agent.registry.collect()}
+    per_layer = {
+        key: {s.labels["layer"]: s.value for s in families[name].samples}
+        for key, name in PER_LAYER.items()
+        if name in families
+    }
+    result = {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],  # a collective: every rank
+        "names": [n for n, _ in model.named_parameters()],
+        "placements": {tuple(repr(p) for p in param.placements) for param in model.parameters()},
+        "global_norms": global_norms,
+        "per_layer": per_layer,
+        "step": agent.registry.get_sample_value(m.STEP, labels),
+        "skipped": {
+            s.labels["reason"]: s.value
+            for s in families[m.SKIPPED_STEPS_TOTAL.removesuffix("_total")].samples
+            if s.value
+        },
+        "nonfinite": {
+            (s.labels["layer"], s.labels["kind"]): s.value
+            for s in families[m.NONFINITE_GRADS_TOTAL.removesuffix("_total")].samples
+            if s.value
+        },
+        "logged": [(r.levelname, r.getMessage(), r.exc_info is not None) for r in records.records],
+    }
+    agent.close()
+    logger.removeHandler(records)
+    return result

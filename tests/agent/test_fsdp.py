@@ -15,9 +15,12 @@ from tests.agent.models import loss_of
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 
-def run_two_ranks(tmp_path, mesh: str, fail: bool = False):
-    mp.start_processes(w.run, args=(2, str(tmp_path / "init"), str(tmp_path), mesh, fail), nprocs=2, start_method="spawn")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both scenarios of the worker, run by one spawn of two processes: mesh -> (rank 0's, rank 1's results)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(w.run, args=(2, str(out / "init"), str(out)), nprocs=2, start_method="spawn")
+    return {mesh: [torch.load(out / f"{mesh}-rank{r}.pt") for r in range(2)] for mesh, _ in w.SCENARIOS}
 
 
 def reference(unclipped: tuple[int, ...] = ()):
@@ -57,10 +60,11 @@ def reference(unclipped: tuple[int, ...] = ()):
     return global_norms, layers, ratios, [p.detach() for p in model.parameters()]
 
 
-def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_together(tmp_path):
-    r0, r1 = run_two_ranks(tmp_path, "fsdp")
+def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_together(runs):
+    r0, r1 = runs["fsdp"]
     global_norms, layers, ratios, weights = reference()
     assert r0["placements"] == {("Shard(dim=0)",)}
+    assert max(n for n in global_norms if n is not None) > w.CLIP  # the clipping had work to do
 
     # Every rank exports the whole gradient's global norm (not its shard's), before clipping.
     for r in (r0, r1):
@@ -92,12 +96,12 @@ def test_exported_values_are_the_unsharded_gradients_and_every_rank_skips_togeth
         assert [entry for entry in r["logged"] if entry[0] in ("ERROR", "CRITICAL") or entry[2]] == []
 
 
-def test_replicated_shards_count_once_and_a_failure_on_one_rank_keeps_the_replicas_identical(tmp_path):
+def test_replicated_shards_count_once_and_a_failure_on_one_rank_keeps_the_replicas_identical(runs):
     """HSDP (every tensor replicated on both ranks): sums divided by the replication factor. Rank 1's
     measurement raises at one step: it joins that step's reductions as failed, so every rank leaves
     that step unmeasured and unclipped (the replicas stay identical), nobody hangs, and the NaN
     step later is still skipped by both."""
-    r0, r1 = run_two_ranks(tmp_path, "hsdp", fail=True)
+    r0, r1 = runs["hsdp"]
     global_norms, layers, _, weights = reference(unclipped=(w.FAIL_AT,))
     assert r0["placements"] == {("Replicate()", "Shard(dim=0)")}
     for r in (r0, r1):
