@@ -108,6 +108,7 @@ class Shards:
         self.params = params
         self._copies = torch.tensor([copies(p, self.world, label) for p, label in zip(params, labels)], dtype=torch.float64)
         self._on: dict[torch.device, Tensor] = {}  # _copies on each device used
+        self._grads_checked = False
         self._reduced_step = -1
         self._total: Tensor | None = None  # the latest SUM vector, for recover()
         self._warn = Throttled(log)
@@ -178,8 +179,10 @@ class Shards:
         """This step's statistics of the whole gradient. ``grads``/``params``: the local shards of
         the tensors ``present`` lists; ``ratio``: this rank's update-ratio sums of the last detail step."""
         plan = self.plan(step, clipping)
+        if not self._grads_checked and grads:
+            self._check_grad_placements(present)
         device = grads[0].device if grads else self._device()
-        copies = self._copies_on(device)
+        held = self._copies_on(device)
         where = self._index(present, device)
         zeros = torch.zeros(self.n, dtype=torch.float64, device=device)
         blocks: list[Tensor] = []
@@ -188,11 +191,11 @@ class Shards:
         if plan.norms:
             sq = self._full(where, probe.l2_norms(grads, layout).double().square()) if grads else zeros
             local_bad = (~torch.isfinite(sq.sum())).double()
-            blocks.append(sq / copies)
+            blocks.append(sq / held)
         if plan.sampled:
             if grads:
                 high, low = self._extremes(grads, plan.detail)
-                blocks += [self._full(where, _norms(grads, 1.0)) / copies, self._full(where, _norms(params, 2.0).double().square()) / copies]
+                blocks += [self._full(where, _norms(grads, 1.0)) / held, self._full(where, _norms(params, 2.0).double().square()) / held]
                 highs.append(self._full(where, high, -math.inf))
                 if low is not None:
                     highs.append(self._full(where, -low, -math.inf))
@@ -204,7 +207,7 @@ class Shards:
             if ratio is not None:
                 at = self._index(ratio[0], device)
                 sums = ratio[1].to(device)
-                blocks += [self._full(at, sums[:, 0]) / copies, self._full(at, sums[:, 1]) / copies]
+                blocks += [self._full(at, sums[:, 0]) / held, self._full(at, sums[:, 1]) / held]
                 n_ratio = 1.0
             else:
                 blocks += [zeros, zeros]
@@ -214,6 +217,24 @@ class Shards:
         high = torch.cat(highs) if highs else None
         self._reduce(step, total, high)
         return self._unpack(plan, total, high, where, local_bad, ratio)
+
+    def _check_grad_placements(self, present: list[int]) -> None:
+        """Once, at the first step with gradients: the replication counts come from the parameters'
+        placements, which FSDP2 gives their gradients too; a gradient placed otherwise gets its own."""
+        self._grads_checked = True
+        for i in present:
+            p = self.params[i]
+            g = p.grad
+            if not is_sharded(g) or (is_sharded(p) and g.placements == p.placements):
+                continue
+            if any(placement.is_partial() for placement in g.placements):
+                log.warning(
+                    "gradwatch: the gradient of %r is Partial (not yet reduced across ranks): its statistics are not exact",
+                    self.labels[i],
+                )
+                continue
+            self._copies[i] = copies(g, self.world, self.labels[i])
+            self._on.clear()
 
     def _extremes(self, grads: list[Tensor], with_min: bool) -> tuple[Tensor, Tensor | None]:
         """max |g| and min |g| of each local shard; an empty shard (a small tensor split over more

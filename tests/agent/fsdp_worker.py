@@ -64,6 +64,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for mesh, fail in SCENARIOS:
             result = train(rank, world, mesh, fail)
             torch.save(result, os.path.join(out_dir, f"{mesh}-rank{rank}.pt"))
+        torch.save(watch_different_parameters(rank, world), os.path.join(out_dir, f"mismatch-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -131,3 +132,20 @@ def train(rank: int, world: int, mesh: str, fail: bool) -> dict:
     agent.close()
     logger.removeHandler(records)
     return result
+
+
+def watch_different_parameters(rank: int, world: int) -> str:
+    """Rank 1's optimizer holds only the hidden layers (as a pipeline stage would hold its own part):
+    watch() must refuse on every rank rather than let the per-step reductions mismatch."""
+    model = build_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.layers:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters() if rank == 0 else model.layers.parameters(), lr=1e-2)
+    try:
+        gradwatch.agent.watch(model, opt, run="fsdp", port=0)
+    except ValueError as exc:
+        return str(exc)
+    return "watch() accepted"

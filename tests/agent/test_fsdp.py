@@ -20,7 +20,8 @@ def runs(tmp_path_factory):
     """Both scenarios of the worker, run by one spawn of two processes: mesh -> (rank 0's, rank 1's results)."""
     out = tmp_path_factory.mktemp("fsdp")
     mp.start_processes(w.run, args=(2, str(out / "init"), str(out)), nprocs=2, start_method="spawn")
-    return {mesh: [torch.load(out / f"{mesh}-rank{r}.pt") for r in range(2)] for mesh, _ in w.SCENARIOS}
+    names = [mesh for mesh, _ in w.SCENARIOS] + ["mismatch"]
+    return {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(2)] for name in names}
 
 
 def reference(unclipped: tuple[int, ...] = ()):
@@ -121,3 +122,8 @@ def test_replicated_shards_count_once_and_a_failure_on_one_rank_keeps_the_replic
     assert len(failures) == 1 and "monitoring failed" in failures[0][1]
     assert [entry for entry in r0["logged"] if entry[0] == "ERROR" or entry[2]] == []
     assert any("could not measure their shards" in entry[1] for entry in r0["logged"])
+
+
+def test_ranks_watching_different_parameters_are_refused_on_every_rank(runs):
+    for message in runs["mismatch"]:
+        assert "ranks watch different parameters" in message
