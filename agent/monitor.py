@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradwatch.agent import clipping, distributed, probe, sparse
+from gradwatch.agent import clipping, distributed, probe, sharded, sparse
 from gradwatch.agent import params as param_groups
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
@@ -42,6 +42,7 @@ def _norm_dtype(device: torch.device) -> torch.dtype:
 class _PendingRatio:
     present: list[int]
     sums: Tensor  # [n, 2] on device, moved to the host with the next transfer
+    combined: bool = False  # sharded: the sums of every rank's shards (agent.sharded), no longer this rank's own
 
 
 class StepMonitor:
@@ -87,6 +88,9 @@ class StepMonitor:
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
         self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
+        # FSDP2/DTensor parameters: every rank measures its local shards and joins the same reductions
+        # (agent.sharded); None for plain and DDP models.
+        self.shards = sharded.build(params, layer_map.tensor_label, ranks, config)
 
     # -- called by the training thread -------------------------------------------------
 
@@ -158,6 +162,8 @@ class StepMonitor:
         self._peer_commands = False
         self._close_loss()
         present, grads, params = self._present()
+        if self.shards is not None:  # sharded: from here on the local shards (views: clipping acts on them)
+            grads, params = sharded.local(grads), sharded.local(params)
         device = grads[0].device if grads else torch.device("cpu")
         commands = self.commands.take()
         sampled = bool(grads) and self.step % self.config.every == 0
@@ -165,20 +171,24 @@ class StepMonitor:
         remedy = self.remedy
         layout = self._layout_for(present, grads) if grads else None
 
-        stats = self._stats(grads, params, layout, detail) if sampled and self.per_layer else None
-        if stats is not None:
-            norms = stats[:, probe.GRAD_NORM]
-        elif grads and (sampled or remedy.clipping_active or self.config.guard or self.config.max_grad_norm):
-            # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
-            # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
-            norms = self._norms(grads, layout)
+        whole = self._measure_shards(present, grads, params, layout, len(commands)) if self.shards is not None else None
+        if whole is not None:  # sharded: the whole gradient's values, the same on every rank
+            stats, norms = (whole.stats if sampled else None), (whole.norms if grads else None)
         else:
-            norms = None
+            stats = self._stats(grads, params, layout, detail) if sampled and self.per_layer else None
+            if stats is not None:
+                norms = stats[:, probe.GRAD_NORM]
+            elif grads and (sampled or remedy.clipping_active or self.config.guard or self.config.max_grad_norm):
+                # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
+                # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
+                norms = self._norms(grads, layout)
+            else:
+                norms = None
         # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
         # squares overflowed (in float64 here, so squaring finite float32 norms cannot overflow).
         global_norm = torch.linalg.vector_norm(norms, dtype=_norm_dtype(norms.device)) if norms is not None else None
-        any_bad = None  # None: this rank decides alone, on the host
-        if self.ranks.distributed and self.config.sync_ranks:
+        any_bad = None if whole is None else whole.any_bad  # None: this rank decides alone, on the host
+        if whole is None and self.ranks.distributed and self.config.sync_ranks:
             local_bad = (~torch.isfinite(global_norm)).float() if global_norm is not None else torch.zeros((), device=device)
             any_bad = self._sync(local_bad, len(commands))
         if self._peer_commands:
@@ -187,6 +197,9 @@ class StepMonitor:
             self.commands.apply(commands, self.step)
         if norms is None:
             self.telemetry.update(step=self.step)
+            if whole is not None and whole.n_bad:  # sharded, some rank could not measure: the NaN skip still holds
+                self._skip(present, grads, local=bool(whole.local_bad))
+                return
             self._clip_and_scale(grads, norms, present)
             return
 
@@ -200,6 +213,7 @@ class StepMonitor:
             for name, value in (
                 ("global_norm", global_norm),
                 ("any_bad", any_bad),
+                ("local_bad", whole.local_bad if whole is not None else None),
                 ("loss", loss),
                 ("loss_max", None if loss_max is loss else loss_max),
                 ("clip_threshold", zclip),
@@ -229,7 +243,7 @@ class StepMonitor:
             updates["clip_threshold"] = values["clip_threshold"]
         if "loss_scale" in values:
             updates["loss_scale"] = values["loss_scale"]
-        local_bad = not math.isfinite(values["global_norm"])
+        local_bad = bool(values["local_bad"]) if "local_bad" in values else not math.isfinite(values["global_norm"])
         if values.get("any_bad", local_bad):
             self.telemetry.update(**updates)
             self._skip(present, grads, local=local_bad)
@@ -241,18 +255,19 @@ class StepMonitor:
             layers = self.layer_map.fold_stats(present, rows, abs_min=None if detail else self._min)
             if detail:
                 self._min = dict(zip(layers, layers.column("grad_abs_min")))
-            updates["layers"] = layers
+            if self.per_layer:  # sharded: every rank folds the (identical) rows, for the remediation history
+                updates["layers"] = layers
             remedy.observe_healthy(
                 values["global_norm"], max(layers.column("grad_norm")), max(layers.column("grad_abs_max"))
             )
         elif sampled:
             remedy.observe_healthy(values["global_norm"], None, None)
-        if ratio is not None:
+        if ratio is not None and self.per_layer:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
         updates["grad_global_norm"] = values["global_norm"]
         self.telemetry.record_peak("grad_global_norm", values["global_norm"])
-        if detail and self.per_layer:
+        if detail and (self.per_layer or self.shards is not None):
             self._snapshot(present, params, layout)
         norms = self._clip_to_max(grads, norms)
         self._hold_spike(grads, norms, values["global_norm"], present)
@@ -367,6 +382,21 @@ class StepMonitor:
         self.remedy.restore_lr(self.optimizer)  # a closure step applied the scale before this step's commands
         self.remedy.apply_lr(self.optimizer)
 
+    def _measure_shards(
+        self, present: list[int], grads: list[Tensor], params: list[Tensor], layout: probe.Layout | None, n_commands: int
+    ) -> sharded.Combined:
+        """Sharded parameters: this step's collectives (the guard's decision and command count ride in them)."""
+        pending = self._ratio
+        own = None if pending is None or pending.combined else (pending.present, pending.sums)
+        whole = self.shards.measure(
+            self.step, present, grads, params, layout,
+            clipping=self.remedy.clipping_active, n_commands=n_commands, ratio=own,
+        )
+        if own is not None:
+            self._ratio = None if whole.ratio is None else _PendingRatio(pending.present, whole.ratio, combined=True)
+        self._peer_commands = whole.n_commands > 0
+        return whole
+
     def _layout_for(self, present: list[int], grads: list[Tensor]) -> probe.Layout | None:
         """The probe's layout for this step's gradients: built again when other parameters
         have gradients, or the model moved to another device. None when every gradient is sparse."""
@@ -395,6 +425,14 @@ class StepMonitor:
         built afresh next step, in case it no longer fits the gradients (one changed shape or device)."""
         self._layout = self._split = None
         self.telemetry.update(step=self.step)  # the step was attempted, measured or not
+        if self.shards is not None:  # sharded: join what this step's reductions still expect from this rank
+            bad, owed_commands = self.shards.recover(self.step, self.remedy.clipping_active)
+            if owed_commands:  # rank 0 counted commands in the reduction just joined: receive them too
+                self.commands.apply(self.commands.broadcast([]), self.step)
+            if bad and not self._skipping:
+                self._clear_grads()
+                self.telemetry.count("skipped", "nonfinite_peer")
+            return
         if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
             device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
             if self._sync(torch.zeros((), device=device), 0).item():
@@ -412,7 +450,10 @@ class StepMonitor:
             return
         present, layout, before = self._before
         self._before = None
-        self._ratio = _PendingRatio(present, probe.update_l1(before, [self.params[i] for i in present], layout))
+        after = [self.params[i] for i in present]
+        if self.shards is not None:
+            after = sharded.local(after)
+        self._ratio = _PendingRatio(present, probe.update_l1(before, after, layout))
 
     # -- the rare path -----------------------------------------------------------------
 
