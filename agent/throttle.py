@@ -30,4 +30,4 @@ class Throttled:
         held = self._held.pop(key, 0)
         suffix = f" (and {held} more like it in the last {now - self._last[key]:.0f} s)" if held else ""
         self._last[key] = now
-        self.logger.log(level, message + suffix, *args, exc_info=exc_info)
+        self.logger.log(level, message + suffix, *args, exc_info=exc_info or None)  # False would be kept on the record
