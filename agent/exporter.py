@@ -70,8 +70,26 @@ class GradwatchCollector(Collector):
         yield self._gauge(m.CLIPPING_ACTIVE, "1 while gradwatch clips gradients.", float(v.clipping_active))
         if v.clip_threshold is not None:
             yield self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold)
+        yield from self._guard(v)
         yield from self._layer_families(v)
         yield from self._counters(v)
+
+    def _guard(self, v: View) -> Iterator[Metric]:
+        """The spike guard's state (contract 4), for the rules that tell a held or lost run."""
+        yield self._gauge(m.GUARD_HELD_FRACTION, "Share of the last 50 optimizer steps the guard clipped or skipped.",
+                          v.guard_held_fraction)
+        yield self._gauge(
+            m.GUARD_HELD_RATIO_MAX,
+            "Largest held step's global norm / median of the guard's accepted norms since this scraper's previous "
+            "scrape (finite spikes the guard clipped; 0: none).",
+            v.peaks.get("guard_held_ratio", 0.0),
+        )
+        if v.guard_held_step is not None:
+            yield self._gauge(m.GUARD_HELD_STEP, "Step number of the latest step the guard clipped or skipped.",
+                              v.guard_held_step)
+        if v.guard_bound is not None:
+            yield self._gauge(m.GUARD_BOUND, "The guard's spike bound on the global gradient norm for the next step.",
+                              v.guard_bound)
 
     def _layer_families(self, v: View) -> Iterator[Metric]:
         labels = [*self.base, "layer"]

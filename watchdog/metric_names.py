@@ -26,6 +26,11 @@ SKIPPED_STEPS_TOTAL = "gradwatch_skipped_steps_total"  # {reason}
 SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipped a finite norm spike
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
+# The spike guard's state (agent/spikes.py): held = clipped or skipped by the guard.
+GUARD_HELD_FRACTION = "gradwatch_guard_held_fraction"  # share (0..1) of the last 50 optimizer steps held
+GUARD_HELD_RATIO_MAX = "gradwatch_guard_held_ratio_max"  # max held norm / median of accepted norms since this scraper's previous scrape; 0: none
+GUARD_HELD_STEP = "gradwatch_guard_held_step"  # step of the latest held step; absent before any
+GUARD_BOUND = "gradwatch_guard_bound"  # the bound in force for the next step; absent while warming up
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}
 
 PER_LAYER = (GRAD_NORM, GRAD_ABS_MEAN, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM, UPDATE_RATIO)
