@@ -36,8 +36,10 @@ is held, the guard looks at the loss that ``observe()`` reported for each of the
 - it accepts the new norm regime when the last ``CONFIRM`` (3) held steps all had a
   finite loss no higher than the highest loss of the last 16 accepted steps (the loss
   is not rising vs its pre-spike level) and their norm did not double from the first of
-  them to the last (the norm is not growing step over step); their norms become the
-  new history and the bound follows them (the last of those steps is applied unclipped);
+  them to the last (the norm is not growing step over step) — or when all their losses
+  are below the lowest of those 16 (the run is learning faster than before, however
+  fast the norm grows: a network escaping a saddle); their norms become the new history
+  and the bound follows them (the last of those steps is applied unclipped);
 - it keeps holding otherwise: an explosion (the norm growing step over step, or the
   loss rising) stays held, with its share of steps exported for the watchdog
   (``gradwatch_guard_held_fraction``).
@@ -165,12 +167,14 @@ class SpikeGuard:
         if len(held) < need:
             return False
         recent = held[-need:]
+        losses = [loss for _, loss in recent]
+        if have_loss and not all(loss is not None and math.isfinite(loss) for loss in losses):
+            return False
+        if have_loss and self._losses and all(loss < min(self._losses) for loss in losses):
+            return True  # below every recent pre-spike loss: the run is learning, however fast the norm grows
         if recent[-1][0] > GROWTH * recent[0][0]:
             return False  # growing step over step: an explosion
-        if not have_loss:
-            return True
-        level = max(self._losses) if self._losses else math.inf
-        return all(loss is not None and math.isfinite(loss) and loss <= level for _, loss in recent)
+        return not have_loss or all(loss <= max(self._losses, default=math.inf) for loss in losses)
 
     def _record(self, norm: float, loss: float | None) -> None:
         if len(self.norms) == self.norms.maxlen:
