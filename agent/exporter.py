@@ -121,7 +121,7 @@ class GradwatchCollector(Collector):
         yield skipped
         spikes = CounterMetricFamily(
             m.SPIKE_CLIPPED_STEPS_TOTAL,
-            "Steps whose gradient norm exceeded mean + spike_sigma x std of recent steps, clipped by the guard.",
+            "Steps whose gradient norm exceeded the guard's bound (median + spike_sigma x MAD-sigma of accepted steps), clipped by the guard.",
             labels=self.base,
         )
         spikes.add_metric(list(self.base.values()), sum(v.spike_clipped.values()))

@@ -34,8 +34,10 @@ only on a loss at 2x its window mean for 5 steps. So, while a run of consecutive
 is held, the guard looks at the loss that ``observe()`` reported for each of them:
 
 - it accepts the new norm regime when the last ``CONFIRM`` (3) held steps all had a
-  finite loss no higher than the highest loss of the last 16 accepted steps (the loss
-  is not rising vs its pre-spike level) and their norm did not double from the first of
+  finite loss no higher than the highest loss of the last 16 accepted steps, or than the
+  loss of the first held step if that was higher (the loss is not rising vs its pre-spike
+  level; the first held step's loss was measured before any held update, so a new data
+  source that raises loss and norm together is judged by what follows), and their norm did not double from the first of
   them to the last (the norm is not growing step over step) — or when all their losses
   are below the lowest of those 16 (the run is learning faster than before, however
   fast the norm grows: a network escaping a saddle); their norms become the new history
@@ -174,7 +176,16 @@ class SpikeGuard:
             return True  # below every recent pre-spike loss: the run is learning, however fast the norm grows
         if recent[-1][0] > GROWTH * recent[0][0]:
             return False  # growing step over step: an explosion
-        return not have_loss or all(loss <= max(self._losses, default=math.inf) for loss in losses)
+        if not have_loss:
+            return True
+        # The level a held step's loss must not pass: the pre-spike one, or the loss of the first held
+        # step if higher — that loss was measured before any held update was applied, so a data
+        # switch that raised the loss and the norm together is judged by whether the loss rises *after* it.
+        first = held[0][1]
+        level = max(self._losses, default=math.inf)
+        if first is not None and math.isfinite(first):
+            level = max(level, first)
+        return all(loss <= level for loss in losses)
 
     def _record(self, norm: float, loss: float | None) -> None:
         if len(self.norms) == self.norms.maxlen:

@@ -219,3 +219,16 @@ def test_a_skipped_nonfinite_step_counts_as_held(attach):
     assert sample(agent, m.GUARD_HELD_STEP) == 31
     assert sample(agent, m.GUARD_HELD_FRACTION) == pytest.approx(1 / HELD_WINDOW)
     assert sample(agent, m.GUARD_HELD_RATIO_MAX) == 0  # finite spikes only: GradNonFinite tells this one
+
+
+def test_a_data_switch_that_raises_loss_and_norm_together_is_accepted_once_the_loss_falls(attach):
+    """A new data source: the first held step's loss (measured before any held update) is 5x the
+    old level, and falls from there while the norm stays up: accepted after CONFIRM steps, where a
+    loss that rose *after* the first held step (test above) stays held."""
+    model = Vector()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    agent = attach(model, opt)
+    for norm in calm_norms(100):
+        step_with_norm(agent, model, opt, norm, loss=0.3)
+    applied = [step_with_norm(agent, model, opt, 20.0, loss=1.5 * 0.98**k) for k in range(20)]
+    assert sum(a < 20.0 * (1 - 1e-4) for a in applied) == CONFIRM - 1
