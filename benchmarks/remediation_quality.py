@@ -237,13 +237,19 @@ def goals(results: list[Result]) -> list[list[str]]:
         low = [f"{n} {v:.0%}" for n, v in rescues.items() if v is not None and v < RESCUE_GOAL]
         goal(f"explosions rescued to >= {RESCUE_GOAL:.0%} of the reference fix",
              ", ".join(low) or "all", not low)
-        held = [_latency(r.watched.held_steps, r.watched_onset) for r in explosions]
-        alert = [_latency([s for s, _ in r.watched.alerts], r.watched_onset) for r in explosions]
+        # A run whose watched twin never exploded (the guard held it off before any 10x step) has no
+        # onset to measure from: it is left out of the medians and named.
+        timed = [r for r in explosions if r.watched_onset is not None]
+        prevented = [r.case.name for r in explosions if r.watched_onset is None]
+        held = [_latency(r.watched.held_steps, r.watched_onset) for r in timed]
+        alert = [_latency([s for s, _ in r.watched.alerts], r.watched_onset) for r in timed]
         for name, values, limit in (("held gradient", held, 1), ("alert", alert, 5)):
-            known = [v if v is not None else math.inf for v in values]
-            median = statistics.median(known)
-            goal(f"median onset -> {name} (steps, goal <= {limit})", _fmt(median if math.isfinite(median) else None),
-                 median <= limit)
+            known = [v if v is not None else math.inf for v in values]  # never held / never alerted: infinite
+            median = statistics.median(known) if known else None
+            shown = _fmt(median if median is not None and math.isfinite(median) else None)
+            if prevented:
+                shown += f" (no onset in the watched run: {', '.join(prevented)})"
+            goal(f"median onset -> {name} (steps, goal <= {limit})", shown, None if median is None else median <= limit)
     return out
 
 
