@@ -43,8 +43,10 @@ class AgentConfig(BaseModel):
     spike_sigma: float | None = Field(
         default=6.0,
         gt=0,
-        description="With the guard on, a step whose global gradient norm exceeds mean + spike_sigma x std of "
-        "the last 128 applied steps is clipped to that bound (OLMo-core's test; it skips). Needs the "
+        description="With the guard on, a step whose global gradient norm exceeds median + spike_sigma x "
+        "1.4826 x MAD of the last 128 accepted steps (at least 3x their median; from step 20, up to 2x wider "
+        "until step 64) is clipped to that bound (OLMo-core's test with robust statistics; it skips); a held "
+        "regime on a loss that is not rising is accepted after 3 steps (agent/spikes.py). Needs the "
         "global norm every step (one multi-tensor L2 pass, as clip_grad_norm_). None: off.",
     )
     max_grad_norm: float | None = Field(

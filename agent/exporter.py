@@ -72,8 +72,26 @@ class GradwatchCollector(Collector):
             yield self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold)
         if v.loss_scale is not None:
             yield self._gauge(m.LOSS_SCALE, "GradScaler's loss scale at the latest measured step.", v.loss_scale)
+        yield from self._guard(v)
         yield from self._layer_families(v)
         yield from self._counters(v)
+
+    def _guard(self, v: View) -> Iterator[Metric]:
+        """The spike guard's state (contract 4), for the rules that tell a held or lost run."""
+        yield self._gauge(m.GUARD_HELD_FRACTION, "Share of the last 50 optimizer steps the guard clipped or skipped.",
+                          v.guard_held_fraction)
+        yield self._gauge(
+            m.GUARD_HELD_RATIO_MAX,
+            "Largest held step's global norm / median of the guard's accepted norms since this scraper's previous "
+            "scrape (finite spikes the guard clipped; 0: none).",
+            v.peaks.get("guard_held_ratio", 0.0),
+        )
+        if v.guard_held_step is not None:
+            yield self._gauge(m.GUARD_HELD_STEP, "Step number of the latest step the guard clipped or skipped.",
+                              v.guard_held_step)
+        if v.guard_bound is not None:
+            yield self._gauge(m.GUARD_BOUND, "The guard's spike bound on the global gradient norm for the next step.",
+                              v.guard_bound)
 
     def _layer_families(self, v: View) -> Iterator[Metric]:
         labels = [*self.base, "layer"]
@@ -105,7 +123,7 @@ class GradwatchCollector(Collector):
         yield skipped
         spikes = CounterMetricFamily(
             m.SPIKE_CLIPPED_STEPS_TOTAL,
-            "Steps whose gradient norm exceeded mean + spike_sigma x std of recent steps, clipped by the guard.",
+            "Steps whose gradient norm exceeded the guard's bound (median + spike_sigma x MAD-sigma of accepted steps), clipped by the guard.",
             labels=self.base,
         )
         spikes.add_metric(list(self.base.values()), sum(v.spike_clipped.values()))

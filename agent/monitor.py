@@ -27,7 +27,7 @@ from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.remedy import Remediation
 from gradwatch.agent.sparse import SparseSplit
-from gradwatch.agent.spikes import SpikeGuard
+from gradwatch.agent.spikes import HeldWindow, SpikeGuard
 from gradwatch.agent.telemetry import Telemetry
 from gradwatch.agent.throttle import Throttled
 
@@ -70,6 +70,8 @@ class StepMonitor:
         self._peer_commands = False
         self._warn = Throttled(log)
         self.spikes = SpikeGuard(config.spike_sigma) if config.guard and config.spike_sigma else None
+        self.held = HeldWindow()
+        remedy.watch_dtypes({p.dtype for p in params}, params[0].device if params else torch.device("cpu"))
         self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
         self.step = 0
         self._all = list(range(len(params)))
@@ -248,6 +250,7 @@ class StepMonitor:
             self.telemetry.update(**updates)
             self._skip(present, grads, local=local_bad)
             return
+        extremes = None  # (largest layer norm, largest |g|) on sampled steps, for the remediation's history
         if stats is not None:
             rows = host[offset : offset + stats.numel()].view(len(present), probe.N_COLUMNS)
             offset += stats.numel()
@@ -257,11 +260,7 @@ class StepMonitor:
                 self._min = dict(zip(layers, layers.column("grad_abs_min")))
             if self.per_layer:  # sharded: every rank folds the (identical) rows, for the remediation history
                 updates["layers"] = layers
-            remedy.observe_healthy(
-                values["global_norm"], max(layers.column("grad_norm")), max(layers.column("grad_abs_max"))
-            )
-        elif sampled:
-            remedy.observe_healthy(values["global_norm"], None, None)
+            extremes = (max(layers.column("grad_norm")), max(layers.column("grad_abs_max")))
         if ratio is not None and self.per_layer:
             sums = host[offset:].view(len(ratio.present), 2)
             updates["update_ratio"] = self.layer_map.fold_ratio(ratio.present, sums)
@@ -270,7 +269,7 @@ class StepMonitor:
         if detail and (self.per_layer or self.shards is not None):
             self._snapshot(present, params, layout)
         norms = self._clip_to_max(grads, norms)
-        self._hold_spike(grads, norms, values["global_norm"], present)
+        norms = self._hold_spike(grads, norms, values["global_norm"], present, values.get("loss"), extremes)
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)
@@ -342,25 +341,54 @@ class StepMonitor:
         self.telemetry.count("skipped", "amp_overflow")
         self.telemetry.update(step=self.step)
 
-    def _hold_spike(self, grads: list[Tensor], norms: Tensor, global_norm: float, present: list[int]) -> None:
-        """Clip a finite spike to the guard's bound (unless remediation clipping already bounds the step)."""
-        if self.spikes is None:
-            return
-        bound = self.spikes.bound()
-        if bound is None or global_norm <= bound or self.remedy.clipping_active:
-            self.spikes.record(global_norm)
+    def _hold_spike(
+        self, grads: list[Tensor], norms: Tensor, global_norm: float, present: list[int], loss: float | None,
+        extremes: tuple[float, float] | None,
+    ) -> Tensor:
+        """The guard's judgement of a finite step (see spikes.py): a held spike is clipped to the
+        bound, an accepted step feeds the remediation's history. Returns the per-tensor norms as
+        the step now has them, so remediation clipping after it sees the held gradients (the
+        tighter of the two wins)."""
+        spikes = self.spikes
+        verdict = "accept" if spikes is None else spikes.judge(global_norm, loss)
+        if verdict != "hold":
+            if verdict == "regime":
+                self.remedy.new_regime(list(spikes.norms))
+                self._warn.warning(
+                    "regime",
+                    "gradwatch: step %d: gradient norm %.3g held for %d steps on a loss that is not rising: "
+                    "accepted as the run's new regime (bound now %.3g)",
+                    self.step, global_norm, len(spikes.norms), spikes.bound(),
+                )
+            else:
+                self.remedy.observe_healthy(global_norm, *(extremes or (None, None)))
             self._calm = (present, norms)  # a reference to this step's norms, no copy: for the next spike's report
-            return
-        # The spike stays out of the history: the bound holds until the watchdog (or a human) acts.
-        clipping.global_norm_(grads, norms, bound)
+            self._account_held(False)
+            return norms
+        bound, centre = spikes.bound(), spikes.centre()
+        coef = bound / global_norm  # on the host: exact, and no float32 square of a huge norm
+        torch._foreach_mul_(grads, coef)
         self.telemetry.count("spike_clipped", "global_norm")
+        self.telemetry.record_peak("guard_held_ratio", global_norm / centre if centre else math.inf)
+        self._account_held(True)
         layer, rise = self._steepest_rise(present, norms)
         self._warn.warning(
             "spike",
-            "gradwatch: step %d: gradient norm %.3g is above mean + %gσ of recent steps (%.3g): clipped to it; "
-            "most of it in layer %r (%s)",
-            self.step, global_norm, self.spikes.sigma, bound, layer, rise,
+            "gradwatch: step %d: gradient norm %.3g is above the guard's bound (median + %gσ of recent accepted "
+            "steps, %.3g; %.3gx their median): clipped to it; most of it in layer %r (%s)",
+            self.step, global_norm, spikes.sigma, bound, global_norm / centre if centre else math.inf, layer, rise,
         )
+        return norms * coef
+
+    def _account_held(self, held: bool) -> None:
+        """The guard's exported state after this step: held share, latest held step, next bound."""
+        self.held.add(held)
+        updates = {"guard_held_fraction": self.held.fraction}
+        if held:
+            updates["guard_held_step"] = self.step
+        if self.spikes is not None:
+            updates["guard_bound"] = self.spikes.bound()
+        self.telemetry.update(**updates)
 
     def _steepest_rise(self, present: list[int], norms: Tensor) -> tuple[str, str]:
         """The layer that carries most of the spike: the largest share of the rise of the squared
@@ -460,6 +488,7 @@ class StepMonitor:
     def _skip(self, present: list[int], grads: list[Tensor], local: bool) -> None:
         """Turn this optimizer step into a no-op and account for it."""
         self._skipping = True
+        self._account_held(True)
         counts = self.layer_map.fold_counts(present, probe.nonfinite_counts(grads).cpu()) if local else {}
         self._clear_grads()
         reason = "nonfinite" if local else "nonfinite_peer"

@@ -9,6 +9,7 @@ scheduler keeps owning ``group["lr"]`` and the scale multiplies whatever it set.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -17,15 +18,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradwatch.agent import clipping
+from gradwatch.agent import clipping, spikes
 from gradwatch.watchdog.schema import Action, DisableClipping, EnableClipping, LowerLR, RestoreLR
 
 AUTO_FACTOR = 2.0
-"""`threshold: auto` = this × the median of recent healthy norms: a healthy step rarely
-exceeds twice the median norm, an exploding one does by orders of magnitude."""
-HISTORY = 200
-"""Recent healthy sampled steps kept for `auto` thresholds and ZClip seeding."""
-
+"""`threshold: auto` = this x the median of the recent accepted global norms (icefall's
+ScaledAdam clips at 2x the median of recent norms): a healthy step rarely exceeds twice
+the median norm, an exploding one does by orders of magnitude."""
+AUTO_MIN_STEPS = spikes.MIN_HISTORY
+"""Accepted steps an `auto` threshold needs (the guard's own warm-up: ~20 steps)."""
+HISTORY = spikes.WINDOW
+"""Accepted steps kept for `auto` thresholds and ZClip seeding (one per optimizer step)."""
+SHAPES = 50
+"""Sampled steps kept for the per-layer and per-value shape of the gradients."""
 
 @dataclass(frozen=True)
 class Bounds:
@@ -52,23 +57,67 @@ class Remediation:
         self.zclip: clipping.ZClip | None = None
         self._cuts: deque[float] = deque()
         self._saved_lrs: list | None = None
-        self.history = {"global": deque(maxlen=HISTORY), "layer": deque(maxlen=HISTORY), "abs": deque(maxlen=HISTORY)}
+        self._restarted = False  # the global history restarted from an accepted regime
+        # The guard's accepted steps only (spikes.py): never a held spike, a step the guard
+        # clipped, or a non-finite value. "global": the global norm of every accepted step;
+        # "layer_share"/"abs_share": on accepted sampled steps, the largest layer norm and the largest |g|
+        # as ratios to that step's global norm (scale-free, so they survive a change of regime).
+        self.history = {
+            "global": deque(maxlen=HISTORY), "layer_share": deque(maxlen=SHAPES), "abs_share": deque(maxlen=SHAPES)
+        }
+        self._grad_dtype = torch.float32  # the narrowest floating dtype of the watched parameters
+        self._wide = torch.float64  # the dtype the clipping arithmetic runs in
 
     # -- healthy history ----------------------------------------------------------------
 
+    def watch_dtypes(self, dtypes: set[torch.dtype], device: torch.device) -> None:
+        """The watched parameters' dtypes and device: what a clipping threshold must fit."""
+        floats = [d for d in dtypes if d.is_floating_point]
+        if floats:
+            self._grad_dtype = min(floats, key=lambda d: torch.finfo(d).max)
+        self._wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
     def observe_healthy(self, global_norm: float, max_layer_norm: float | None, max_abs: float | None) -> None:
+        """One step the guard accepted (the per-layer values on sampled steps only)."""
         self.history["global"].append(global_norm)
-        if max_layer_norm is not None:
-            self.history["layer"].append(max_layer_norm)
-        if max_abs is not None:
-            self.history["abs"].append(max_abs)
+        if global_norm > 0 and max_layer_norm is not None:
+            self.history["layer_share"].append(max_layer_norm / global_norm)
+        if global_norm > 0 and max_abs is not None:
+            self.history["abs_share"].append(max_abs / global_norm)
+
+    def new_regime(self, norms: list[float]) -> None:
+        """The guard accepted a new norm regime: its norms replace the global history."""
+        self.history["global"].clear()
+        self.history["global"].extend(norms)
+        self._restarted = True
 
     def _auto_threshold(self, mode: str) -> float:
-        key = {"global_norm": "global", "clip_value": "abs"}.get(mode, "layer")
-        values = [v for v in self.history[key] if v > 0]
-        if len(values) < 5:
-            raise Refused(f"threshold 'auto' needs at least 5 healthy sampled steps; have {len(values)}")
-        return AUTO_FACTOR * statistics.median(values)
+        norms = [v for v in self.history["global"] if v > 0]
+        need = 1 if self._restarted else AUTO_MIN_STEPS
+        if len(norms) < need:
+            raise Refused(f"threshold 'auto' needs {need} accepted steps of gradient-norm history; have {len(norms)}")
+        threshold = AUTO_FACTOR * statistics.median(norms)
+        if mode == "global_norm":
+            return threshold
+        shape = self.history["abs_share" if mode == "clip_value" else "layer_share"]
+        if not shape:
+            raise Refused(f"threshold 'auto' for {mode} needs a sampled step's per-layer statistics; none yet")
+        return threshold * statistics.median(shape)
+
+    def _check_threshold(self, mode: str, threshold: float) -> None:
+        """Refuse a threshold the gradients' dtype or the clipping arithmetic cannot hold."""
+        if not (threshold > 0 and math.isfinite(threshold)):
+            raise Refused(f"clipping threshold {threshold!r} is not a positive finite number")
+        if mode == "clip_value":
+            largest = torch.finfo(self._grad_dtype).max
+            if threshold > largest:
+                raise Refused(f"clip_value threshold {threshold:g} exceeds the largest {self._grad_dtype} value "
+                              f"({largest:g}): the gradients cannot hold it")
+        else:
+            largest = math.sqrt(torch.finfo(self._wide).max)
+            if threshold > largest:
+                raise Refused(f"{mode} threshold {threshold:g}: its square overflows the {self._wide} clipping "
+                              f"arithmetic (largest usable {largest:.3g})")
 
     # -- commands -----------------------------------------------------------------------
 
@@ -114,6 +163,7 @@ class Remediation:
             threshold = None
         else:
             threshold = self._auto_threshold(spec.mode) if spec.threshold == "auto" else float(spec.threshold)
+            self._check_threshold(spec.mode, threshold)
         if self.clip_mode == spec.mode and threshold is not None and self.clip_threshold is not None:
             threshold = min(threshold, self.clip_threshold)  # enabling again only ever tightens
         self.clip_mode, self.clip_threshold, self.zclip = spec.mode, threshold, None
@@ -127,6 +177,9 @@ class Remediation:
 
     def clip(self, grads: list[Tensor], norms: Tensor, units: Tensor) -> None:
         mode, t = self.clip_mode, self.clip_threshold
+        # Squares and sums of the norms in float64 where the device has it: in float32 the square of
+        # a norm above 1.8e19 overflows, the total turns Inf and a clip would zero every gradient.
+        norms = norms.to(self._wide)
         if mode == "global_norm":
             clipping.global_norm_(grads, norms, t)
         elif mode == "clip_l2_per_layer":
@@ -182,6 +235,7 @@ class Remediation:
             "clip_threshold": self.clip_threshold,
             "zclip": None if self.zclip is None else self.zclip.state_dict(),
             "history": {k: list(v) for k, v in self.history.items()},
+            "restarted": self._restarted,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,4 +245,6 @@ class Remediation:
         self.clip_threshold = state["clip_threshold"]
         self.zclip = None if state["zclip"] is None else clipping.ZClip.from_state(state["zclip"])
         for key, values in state["history"].items():
-            self.history[key].extend(values)
+            if key in self.history:  # older states kept absolute per-layer values: not comparable, dropped
+                self.history[key].extend(values)
+        self._restarted = bool(state.get("restarted", False))

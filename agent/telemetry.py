@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from gradwatch.agent.layers import LayerValues
 
-PEAKED = ("grad_global_norm", "loss")
+PEAKED = ("grad_global_norm", "loss", "guard_held_ratio")
 MAX_SCRAPERS = 8
 
 
@@ -41,6 +41,10 @@ class View:
     skipped: Counter = field(default_factory=Counter)  # reason -> steps
     spike_clipped: Counter = field(default_factory=Counter)  # mode -> steps the guard clipped
     commands: Counter = field(default_factory=Counter)  # action -> applied
+    # The spike guard (contract 4): held share of the last 50 steps, latest held step, next step's bound.
+    guard_held_fraction: float = 0.0
+    guard_held_step: int | None = None
+    guard_bound: float | None = None
 
 
 def _fmax(a: float | None, b: float) -> float:
@@ -88,7 +92,8 @@ class Telemetry:
             self._peaks[scraper] = {}
             while len(self._peaks) > MAX_SCRAPERS:
                 self._peaks.popitem(last=False)
-            latest = {"grad_global_norm": v.grad_global_norm, "loss": v.loss}
+            # guard_held_ratio: the largest held step's ratio since this scraper's last read, 0 when none
+            latest = {"grad_global_norm": v.grad_global_norm, "loss": v.loss, "guard_held_ratio": 0.0}
             return View(
                 step=v.step,
                 loss=v.loss,
@@ -106,4 +111,7 @@ class Telemetry:
                 skipped=Counter(v.skipped),
                 spike_clipped=Counter(v.spike_clipped),
                 commands=Counter(v.commands),
+                guard_held_fraction=v.guard_held_fraction,
+                guard_held_step=v.guard_held_step,
+                guard_bound=v.guard_bound,
             )

@@ -27,11 +27,12 @@ SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipp
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
 LOSS_SCALE = "gradwatch_loss_scale"  # GradScaler's scale (watch(..., scaler=)); skips: SKIPPED_STEPS_TOTAL{reason="amp_overflow"}
+# The spike guard's state (agent/spikes.py): held = clipped or skipped by the guard.
+GUARD_HELD_FRACTION = "gradwatch_guard_held_fraction"  # share (0..1) of the last 50 optimizer steps held
+GUARD_HELD_RATIO_MAX = "gradwatch_guard_held_ratio_max"  # max held norm / median of accepted norms since this scraper's previous scrape; 0: none
+GUARD_HELD_STEP = "gradwatch_guard_held_step"  # step of the latest held step; absent before any
+GUARD_BOUND = "gradwatch_guard_bound"  # the bound in force for the next step; absent while warming up
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}
-GUARD_HELD_FRACTION = "gradwatch_guard_held_fraction"  # share of the last 50 steps the guard clipped or skipped
-GUARD_HELD_RATIO_MAX = "gradwatch_guard_held_ratio_max"  # max held norm / recent median since this scraper's previous scrape
-GUARD_HELD_STEP = "gradwatch_guard_held_step"  # step of the latest step the guard held
-GUARD_BOUND = "gradwatch_guard_bound"  # the spike bound in force for the next step
 
 PER_LAYER = (GRAD_NORM, GRAD_ABS_MEAN, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM, UPDATE_RATIO)
 

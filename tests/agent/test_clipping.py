@@ -1,12 +1,13 @@
 """Each clipping mode against a plain reference implementation of its formula."""
 
 import math
+import statistics
 
 import pytest
 import torch
 
 from gradwatch.agent import clipping
-from gradwatch.agent.remedy import Remediation, Bounds
+from gradwatch.agent.remedy import Bounds, Refused, Remediation
 from gradwatch.watchdog.schema import EnableClipping
 
 
@@ -119,18 +120,80 @@ def test_adaptive_matches_reference_zclip():
     assert got[40] < 2.0  # the spike was clipped near the running mean
 
 
-def test_auto_threshold_follows_recent_healthy_norms():
+def test_auto_threshold_is_twice_the_median_of_accepted_steps_from_step_20():
     remedy = Remediation(Bounds())
-    with pytest.raises(Exception, match="healthy sampled steps"):
+    with pytest.raises(Refused, match="needs 20 accepted steps"):
         remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
-    for norm in [1.0, 2.0, 3.0, 4.0, 100.0]:
-        remedy.observe_healthy(norm, norm / 2, norm / 10)
+    norms = [1.0 + 0.1 * i for i in range(19)]
+    for norm in norms:
+        remedy.observe_healthy(norm, None, None)
+    with pytest.raises(Refused, match="needs 20 accepted steps of gradient-norm history; have 19"):
+        remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
+    norms.append(50.0)  # an accepted step above the rest: the median does not see it
+    remedy.observe_healthy(50.0, norms[-1] / 2, norms[-1] / 10)
     remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
-    assert remedy.clip_threshold == pytest.approx(2 * 3.0)  # 2 x median, the outlier ignored
+    assert remedy.clip_threshold == pytest.approx(2 * statistics.median(norms))
     remedy.apply(EnableClipping(mode="global_norm", threshold=100.0))
-    assert remedy.clip_threshold == pytest.approx(6.0)  # enabling again never loosens
+    assert remedy.clip_threshold == pytest.approx(2 * statistics.median(norms))  # enabling again never loosens
+    # per-layer and per-value modes: the same scale times the sampled steps' shape (largest layer / global)
     remedy.apply(EnableClipping(mode="clip_value", threshold="auto"))
-    assert remedy.clip_threshold == pytest.approx(2 * 0.3)
+    assert remedy.clip_threshold == pytest.approx(2 * statistics.median(norms) / 10)
+
+
+def test_auto_threshold_ignores_an_explosion_the_guard_held(attach):
+    """The issue's history [0.9, 8.2, 3e12, 7.9e12, 4.4e13] gave "clipping at 6.06e12": here the
+    guard holds the exploded steps, they never reach the history, and `auto` is 2x the calm median."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    agent = attach(model, opt, every=5)
+    gen = torch.Generator().manual_seed(0)
+    calm = []
+    for _ in range(40):
+        g = torch.randn(1, 4, generator=gen)
+        calm.append(float(g.double().norm()))
+        model.weight.grad = g
+        agent.observe(loss=1.0)
+        opt.step()
+    for norm in (8.2, 3.0e12, 7.9e12, 4.4e13):
+        model.weight.grad = torch.full((1, 4), norm / 2)
+        agent.observe(loss=1.0)
+        opt.step()
+    agent.remedy.apply(EnableClipping(mode="global_norm", threshold="auto"))
+    assert agent.remedy.clip_threshold == pytest.approx(2 * statistics.median(calm), rel=1e-6)
+    assert torch.isfinite(model.weight).all() and float(model.weight.abs().max()) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mode", "threshold", "reason"),
+    [
+        (torch.float16, "clip_value", 1e5, "exceeds the largest torch.float16 value"),
+        (torch.bfloat16, "clip_value", 1e39, "exceeds the largest torch.bfloat16 value"),
+        (torch.float32, "global_norm", 1e200, "its square overflows the torch.float64 clipping arithmetic"),
+    ],
+)
+def test_a_threshold_the_dtype_cannot_hold_is_refused_with_its_reason(dtype, mode, threshold, reason):
+    remedy = Remediation(Bounds())
+    remedy.watch_dtypes({dtype}, torch.device("cpu"))
+    with pytest.raises(Refused, match=reason):
+        remedy.apply(EnableClipping(mode=mode, threshold=threshold))
+    assert not remedy.clipping_active
+    remedy.apply(EnableClipping(mode=mode, threshold=1.0))  # a representable one is applied
+    assert remedy.clip_threshold == 1.0
+
+
+def test_clipping_huge_float32_norms_runs_in_float64():
+    """Four tensors of norm 1e19 (finite in float32): the float32 sum of their squares (4e38)
+    overflows, the total is Inf and the clip would zero every gradient; in float64 the step is
+    scaled to the threshold."""
+    remedy = Remediation(Bounds())
+    remedy.watch_dtypes({torch.float32}, torch.device("cpu"))
+    remedy.apply(EnableClipping(mode="global_norm", threshold=1.0))
+    grads = [torch.full((4,), 0.5e19) for _ in range(4)]
+    norms = torch.stack(torch._foreach_norm(grads))
+    assert torch.isfinite(norms).all() and not torch.isfinite(norms.square().sum())
+    remedy.clip(grads, norms, torch.arange(4))
+    total = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    assert total == pytest.approx(1.0, rel=1e-5)
 
 
 def test_restore_lr_and_disable_clipping_undo_a_decision():

@@ -39,3 +39,11 @@ def test_command_latency_prints_each_stage():
     out = bench("command_latency.py", "--repeats", "1", "--interval", "0.5")
     for stage in ("bad step → alert firing", "decided → fetched by the agent's poll", "bad step → applied"):
         assert stage in out
+
+
+def test_remediation_quality_runs_its_cases_in_the_closed_loop():
+    out = bench("remediation_quality.py", "--quick")
+    for case in ("lr_warmup", "corrupted_batch", "explosion_early"):
+        assert case in out
+    for goal in ("healthy runs with a lasting remediation", "pathologies alerted", "median onset -> held gradient"):
+        assert goal in out

@@ -51,7 +51,7 @@ def test_main_command_tells_the_exploding_rnn_story_and_leaves_nothing_running(t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     # the timeline: the guard, the alert, the notification, the command, its acknowledgement with the step
-    assert "above mean + 6σ of recent steps" in out
+    assert "is above the guard's bound (median + 6σ of recent accepted steps" in out
     assert re.search(r"ALERT GradientSpikesHeld FIRING", out)
     assert "on-call receives [FIRING]" in out
     assert "remediation decided: enable_clipping" in out
