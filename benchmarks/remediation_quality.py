@@ -5,7 +5,8 @@ times with the same seed:
 
 - **watched**: the agent with its defaults, in the closed loop with the real service
   (``gradwatch serve`` in a child process, the default rule pack with every duration divided
-  by ``--time-scale`` as the demo does), at a realistic pace: a real job takes ~1 s a step
+  by the same factor as the demo does — rules, the service's cooldowns, command window, TTL and
+  undo wait, the agent's LR-cut cooldown and window), at a realistic pace: a real job takes ~1 s a step
   and is scraped every 2 s, so here a step takes ``--step-ms`` and the watchdog scrapes every
   2 steps' worth of time (agents are told to poll at the same scale: 1 s -> 1/2 scrape);
 - **unmonitored**: plain PyTorch, no agent;
@@ -42,7 +43,7 @@ import gradwatch.agent  # noqa: E402
 from common import format_table, header_lines, mark  # noqa: E402
 from gradwatch.demo import scenarios  # noqa: E402
 from gradwatch.demo.record import AgentRecorder  # noqa: E402
-from gradwatch.demo.rules import write_config  # noqa: E402
+from gradwatch.demo.rules import scaled_agent_bounds, scaled_settings, write_config  # noqa: E402
 from gradwatch.demo.run import _wait_until_scraped  # noqa: E402
 from gradwatch.demo.services import NotificationSink, WatchdogProcess  # noqa: E402
 from gradwatch.demo.timeline import Timeline  # noqa: E402
@@ -135,11 +136,13 @@ def run_reference(case: Case, seed: int, quick: bool, onset: int, norms: list[fl
     return scenarios.evaluate(sc)
 
 
-def run_watched(case: Case, seed: int, quick: bool, wd: WatchdogProcess, step_s: float, tag: str) -> Watched:
+def run_watched(
+    case: Case, seed: int, quick: bool, wd: WatchdogProcess, step_s: float, tag: str, time_scale: float
+) -> Watched:
     sc = case.build(seed, quick)
     run = f"quality-{case.name}-{tag}"
     agent = gradwatch.agent.watch(sc.model, sc.optimizer, run=run, port=0, watchdog_url=wd.url,
-                                  secret_file=str(wd.secret_file))
+                                  secret_file=str(wd.secret_file), **scaled_agent_bounds(time_scale))
     recorder = AgentRecorder(agent.telemetry)
     held_fraction = 0.0
     try:
@@ -288,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         with NotificationSink(workdir / "notifications.jsonl") as sink:
             config = write_config(workdir / "watchdog.yaml", sink.url, time_scale)
-            with WatchdogProcess(workdir, config, scrape_s, poll_s=step_s) as wd:
+            with WatchdogProcess(workdir, config, scrape_s, poll_s=step_s, settings=scaled_settings(time_scale)) as wd:
                 for name in names:
                     case = known[name]
                     t0 = time.monotonic()
                     plain, info = run_plain(case, args.seed, args.quick)
                     onset0 = None if case.healthy else info.get("onset", measured_onset(plain.norms))
-                    watched = run_watched(case, args.seed, args.quick, wd, step_s, f"s{args.seed}")
+                    watched = run_watched(case, args.seed, args.quick, wd, step_s, f"s{args.seed}", time_scale)
                     injected = "onset" in info
                     watched0 = onset0 if injected or onset0 is None else measured_onset(watched.norms)
                     result = Result(case, None if onset0 is None else onset0 + 1,

@@ -26,10 +26,9 @@ import torch
 import gradwatch.agent
 from gradwatch.demo import scenarios
 from gradwatch.demo.record import AgentRecorder, Trace, record_plain
-from gradwatch.demo.rules import write_config
+from gradwatch.demo.rules import scaled_agent_bounds, scaled_settings, write_config
 from gradwatch.demo.services import NotificationSink, WatchdogProcess
 from gradwatch.demo.timeline import Event, Timeline
-from gradwatch.watchdog.settings import Settings
 
 @dataclass(frozen=True)
 class Story:
@@ -137,11 +136,13 @@ class _Recovery:
         return self._reference[1]
 
 
-def _train_watched(opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink: NotificationSink) -> tuple[Outcome, list[Event]]:
+def _train_watched(
+    opts: DemoOptions, overrides: dict, wd: WatchdogProcess, sink: NotificationSink, time_scale: float
+) -> tuple[Outcome, list[Event]]:
     sc = scenarios.build(opts.scenario, seed=opts.seed, **overrides)
     run = f"demo-{opts.scenario}"
     agent = gradwatch.agent.watch(sc.model, sc.optimizer, run=run, port=0, watchdog_url=wd.url,
-                                  secret_file=str(wd.secret_file), **AGENT_SETTINGS)
+                                  secret_file=str(wd.secret_file), **AGENT_SETTINGS, **scaled_agent_bounds(time_scale))
     recorder, recovery = AgentRecorder(agent.telemetry), _Recovery()
     _wait_until_scraped(wd, run)
     print(f"agent: metrics at {agent.url}; watchdog at {wd.url} (API docs {wd.url}/docs)\n")
@@ -253,11 +254,10 @@ def run_demo(opts: DemoOptions) -> int:
     started = time.monotonic()
     with NotificationSink(out / "notifications.jsonl") as sink:
         config = write_config(out / "watchdog.yaml", sink.url, time_scale)
-        restore_after_s = Settings.model_fields["restore_after"].default.seconds / time_scale  # the undo, on the same fast clock
-        with WatchdogProcess(out, config, opts.interval_s, opts.poll_s, restore_after_s) as wd:
+        with WatchdogProcess(out, config, opts.interval_s, opts.poll_s, scaled_settings(time_scale)) as wd:
             print(f"watchdog: `gradwatch serve` (pid {wd.pid}) on {wd.url}, scraping every {opts.interval_s:g} s, "
                   f"agents polling every {opts.poll_s:g} s (demo steps take milliseconds)")
-            watched, events = _train_watched(opts, overrides, wd, sink)
+            watched, events = _train_watched(opts, overrides, wd, sink, time_scale)
     (out / "timeline.txt").write_text("\n".join(f"{e.at:6.1f}s {e.step:>5}  {e.source:<9} {e.text}" for e in events) + "\n")
     watched.trace.save(out / "trace.json")
     plain = None

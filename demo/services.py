@@ -80,13 +80,13 @@ class WatchdogProcess:
 
     def __init__(
         self, workdir: Path, config: Path | None, interval_s: float, poll_s: float | None = None,
-        restore_after_s: float | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.config = config
         self.interval_s = interval_s
         self.poll_s = poll_s  # how often agents are told to poll (None: the service's default, 1 s)
-        self.restore_after_s = restore_after_s  # healthy time before undoing a remediation (None: the service's 5 min)
+        self.settings = settings or {}  # more service settings, as GRADWATCH_* variables (e.g. scaled_settings())
         self.secret_file = workdir / "command-secret"
         self.log_path = workdir / "watchdog.log"
         self.url = ""
@@ -117,8 +117,7 @@ class WatchdogProcess:
         env["GRADWATCH_SECRET_FILE"] = str(self.secret_file)
         if self.poll_s is not None:
             env["GRADWATCH_POLL_INTERVAL"] = f"{self.poll_s:g}"
-        if self.restore_after_s is not None:
-            env["GRADWATCH_RESTORE_AFTER"] = f"{self.restore_after_s * 1000:.0f}ms"
+        env.update({f"GRADWATCH_{name.upper()}": value for name, value in self.settings.items()})
         return env
 
     def _wait_healthy(self, timeout_s: float = 30.0) -> bool:
