@@ -47,7 +47,7 @@ from gradwatch.watchdog.service_metrics import ServiceMetrics
 from gradwatch.watchdog.settings import Settings
 from gradwatch.watchdog.sources.prometheus import PrometheusSource
 from gradwatch.watchdog.sources.scrape import ScrapeSource
-from gradwatch.watchdog.sources.targets import Target, TargetRegistry
+from gradwatch.watchdog.sources.targets import RegistryFull, Target, TargetRegistry
 from gradwatch.watchdog.store import AuditEntry, RunRecord, Store
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,10 @@ def format_value(v: float) -> str:
 def build_source(settings: Settings, registry: TargetRegistry, samples: SampleStore) -> ScrapeSource | PrometheusSource:
     """The source ``settings`` ask for: Prometheus's API when ``prometheus_url`` is set, else direct scraping."""
     if settings.prometheus_url is None:
-        return ScrapeSource(registry, samples, timeout_s=settings.source_timeout)
+        return ScrapeSource(
+            registry, samples, timeout_s=settings.source_timeout,
+            max_in_flight=settings.scrape_concurrency, limits=settings.target_limits(),
+        )
     token = settings.prometheus_bearer_token
     auth = None
     if settings.prometheus_username is not None and settings.prometheus_password is not None:
@@ -170,7 +173,10 @@ class Service:
         self.store = store if store is not None else Store(settings.db)
         try:
             self.samples = samples if samples is not None else SampleStore()
-            self.registry = TargetRegistry(settings.stale_after, on_change=self._on_target_change)
+            self.registry = TargetRegistry(
+                settings.stale_after, on_change=self._on_target_change,
+                expire_after_s=settings.registration_expiry, max_targets=settings.max_registrations,
+            )
             self._restore_runs()
             self.source = source if source is not None else build_source(settings, self.registry, self.samples)
             self.engine = RuleEngine(self.config.rules)
@@ -286,6 +292,7 @@ class Service:
             if isinstance(self.source, PrometheusSource):
                 return self.source.fetch(now).samples, {}, None
             result = self.source.scrape_all(now)
+            self._forget_expired(result.expired, now)
             return result.samples, result.errors, None
         except Exception as exc:  # e.g. Prometheus unreachable: evaluate on what is held
             self.metrics.source_failures.inc()
@@ -295,9 +302,12 @@ class Service:
 
     def _record_progress(self, now: float) -> None:
         """Persist when each registered run was last seen and its step (one transaction)."""
+        steps: dict[tuple[str, str], object] = {}  # one pass over the step series, not one per target
+        for series in self.samples.select(mn.STEP):
+            steps.setdefault((series.label("run"), series.label("rank")), series)
         seen = []
         for target in self.registry.targets():
-            step = next(iter(self.samples.select(mn.STEP, {"run": target.run, "rank": str(target.rank)})), None)
+            step = steps.get((target.run, str(target.rank)))
             point = step.points[-1] if step is not None and step.points else None
             if point is not None and point[0] == now:  # sampled in this very round
                 seen.append((target, int(point[1]) if math.isfinite(point[1]) else None))
@@ -336,7 +346,12 @@ class Service:
     # -- runs ----------------------------------------------------------------------------
 
     def register(self, registration: Registration) -> RunStatus:
-        """An agent (re-)registers: persist it, then scrape it from the next round on."""
+        """An agent (re-)registers: persist it, then scrape it from the next round on.
+
+        Raises :class:`~gradwatch.watchdog.sources.targets.RegistryFull` (nothing stored) for a
+        new (run, rank) while ``max_registrations`` are held.
+        """
+        self.registry.ensure_room((registration.run, registration.rank))
         now = self.clock()
         with self.store.transaction():
             record = self.store.register_run(registration, now)
@@ -382,8 +397,27 @@ class Service:
             except ValueError as exc:  # a row this version cannot use must not stop the others
                 log.warning("not watching stored run %s rank %d: %s", r.run, r.rank, exc)
                 continue
-            # Registered "at" its last sighting, so staleness counts from then.
-            self.registry.register(registration, r.last_seen)
+            # Registered "at" its last sighting, so staleness and expiry count from then.
+            try:
+                self.registry.register(registration, r.last_seen)
+            except RegistryFull:
+                log.warning("not watching stored run %s rank %d: max_registrations reached", r.run, r.rank)
+
+    def _forget_expired(self, expired: list[Target], now: float) -> None:
+        """Remove registrations silent for ``registration_expiry`` from the store, in one transaction."""
+        if not expired:
+            return
+        try:
+            with self.store.transaction():
+                for target in expired:
+                    self.store.remove_run(target.run, target.rank)
+                self.store.append_audit_many(
+                    dict(kind="run.expired", time=now, run=t.run, details={"rank": t.rank, "silent_since": t.silent_since()})
+                    for t in expired
+                )
+        except Exception:
+            log.exception("cannot record %d expired registration(s) in the store", len(expired))
+        log.info("%d registration(s) expired after %g s without an answer", len(expired), self.settings.registration_expiry)
 
     def _on_target_change(self, target: Target) -> None:
         if target.last_attempt is None:

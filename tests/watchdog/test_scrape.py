@@ -5,14 +5,20 @@ from __future__ import annotations
 import math
 import socket
 
-import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
-
 from gradwatch.watchdog.samples import SampleStore
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.sources.scrape import USER_AGENT, ScrapeSource
 from gradwatch.watchdog.sources.targets import TargetRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    start_http_server,
+)
+
+from tests.hostile import serving
 from tests.integration.servers import free_port
 
 GOOD = ("good", 0)
@@ -137,38 +143,27 @@ def test_restarted_agent_reregisters_and_its_history_continues(setup):
 
 
 def test_sends_user_agent_and_asks_for_the_text_format():
-    seen: list[httpx.Request] = []
     registry_ = CollectorRegistry()
     Gauge("gradwatch_step", "", ["run", "rank"], registry=registry_).labels("r", "0").set(3)
-    body = generate_latest(registry_)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, content=body)
-
     targets = TargetRegistry()
-    targets.register(Registration(run="r", rank=0, metrics_url="http://agent.invalid:9100/metrics"), 0.0)
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0, client=client)
+    with serving(generate_latest(registry_)) as agent:
+        targets.register(Registration(run="r", rank=0, metrics_url=agent.url), 0.0)
+        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0)
         assert source.scrape_all(now=1.0).ok == 1
         source.close()
+        request = agent.last_request.decode()
 
-    assert seen[0].headers["User-Agent"] == USER_AGENT
+    assert f"\r\nUser-Agent: {USER_AGENT}\r\n" in request
     assert USER_AGENT.startswith("gradwatch-watchdog/")
-    assert seen[0].headers["Accept"].startswith("text/plain")
+    assert "\r\nAccept: text/plain" in request
 
 
 def test_http_error_and_garbage_count_as_failures():
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "broken.invalid":
-            return httpx.Response(503, content=b"overloaded")
-        return httpx.Response(200, content=b"gradwatch_step{run= 1 2 3\n")
-
     targets = TargetRegistry()
-    targets.register(Registration(run="a", rank=0, metrics_url="http://broken.invalid/metrics"), 0.0)
-    targets.register(Registration(run="b", rank=0, metrics_url="http://garbage.invalid/metrics"), 0.0)
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0, client=client)
+    with serving(b"overloaded", status="503 Service Unavailable") as broken, serving(b"gradwatch_step{run= 1 2 3\n") as garbage:
+        targets.register(Registration(run="a", rank=0, metrics_url=broken.url), 0.0)
+        targets.register(Registration(run="b", rank=0, metrics_url=garbage.url), 0.0)
+        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0)
         result = source.scrape_all(now=1.0)
         source.close()
 

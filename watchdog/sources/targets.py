@@ -3,9 +3,12 @@
 Agents register over the watchdog's API (at start, after a restart, after a
 watchdog restart); the scrape source asks for :meth:`TargetRegistry.targets`
 every round and reports back with :meth:`TargetRegistry.mark_scraped`. A target
-that has not answered for ``stale_after_s`` seconds is marked stale, never
-deleted: its run's history stays in the store, the API can still show it, and a
-re-registration (an agent that came back) clears the mark.
+that has not answered for ``stale_after_s`` seconds is marked stale: its run's
+history stays in the store, the API can still show it, and a re-registration (an
+agent that came back) clears the mark. One silent for ``expire_after_s`` is
+removed by :meth:`TargetRegistry.expire` (its audit history stays). At most
+``max_targets`` registrations are held: one more is refused with
+:class:`RegistryFull`, so neither the rounds nor memory grow with whoever registers.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ class Target:
         return self.last_success
 
 
+class RegistryFull(Exception):
+    """A registration refused because ``max_targets`` are held; the message says so and what frees room.
+
+    The HTTP API answers it with 429 (retry later: stale registrations expire).
+    """
+
+
 class TargetRegistry:
     """Registered agents keyed by ``(run, rank)``. Safe to call from the API and the scrape loop at once.
 
@@ -63,16 +73,45 @@ class TargetRegistry:
         self,
         stale_after_s: float = 60.0,
         on_change: Callable[[Target], None] | None = None,
+        *,
+        expire_after_s: float = 3600.0,
+        max_targets: int = 10_000,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0 seconds, got {stale_after_s}")
+        if expire_after_s < stale_after_s:
+            raise ValueError(f"expire_after_s must be >= stale_after_s ({stale_after_s} s), got {expire_after_s}")
+        if max_targets < 1:
+            raise ValueError(f"max_targets must be >= 1, got {max_targets}")
         self.stale_after_s = stale_after_s
+        self.expire_after_s = expire_after_s
+        self.max_targets = max_targets
         self._on_change = on_change
         self._targets: dict[TargetKey, Target] = {}
         self._lock = threading.Lock()
 
+    def ensure_room(self, key: TargetKey) -> None:
+        """Raise :class:`RegistryFull` if registering ``key`` now would be refused (a new key, the registry full).
+
+        For callers that must refuse before writing anything else; :meth:`register`
+        checks again under its lock.
+        """
+        with self._lock:
+            self._check_room(key)
+
+    def _check_room(self, key: TargetKey) -> None:
+        if key not in self._targets and len(self._targets) >= self.max_targets:
+            raise RegistryFull(
+                f"registration refused: the watchdog already holds {len(self._targets)} registrations "
+                f"(max_registrations={self.max_targets}); a registration silent for {self.expire_after_s:g} s "
+                "expires, and finished runs deregister"
+            )
+
     def register(self, registration: Registration, now: float) -> Target:
-        """Add an agent, or replace its URL after a restart; clears stale. Samples already stored are kept."""
+        """Add an agent, or replace its URL after a restart; clears stale. Samples already stored are kept.
+
+        Raises :class:`RegistryFull` for a new ``(run, rank)`` when ``max_targets`` are held.
+        """
         target = Target(
             run=registration.run,
             rank=registration.rank,
@@ -82,6 +121,7 @@ class TargetRegistry:
             step_at_registration=registration.step,
         )
         with self._lock:
+            self._check_room(target.key)
             previous = self._targets.get(target.key)
             if previous is not None:
                 # Keep when it last answered: the API shows it, and it survives restarts of the agent.
@@ -94,6 +134,19 @@ class TargetRegistry:
         """Stop watching a target (its run finished and said so); returns it, or None if unknown."""
         with self._lock:
             return self._targets.pop(key, None)
+
+    def expire(self, now: float) -> list[Target]:
+        """Remove and return every target silent for ``expire_after_s`` (no answer since then, nor a registration)."""
+        horizon = now - self.expire_after_s
+        with self._lock:
+            gone = [t for t in self._targets.values() if t.silent_since() <= horizon]
+            for target in gone:
+                del self._targets[target.key]
+        return gone
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._targets)
 
     def targets(self) -> list[Target]:
         """Every registered target, stale ones included, in registration order."""
