@@ -21,6 +21,7 @@ counted and reported, never lets the round fail, and never delays another:
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -47,6 +48,7 @@ USER_AGENT = f"gradwatch-watchdog/{_package_version()}"
 # prometheus-client would otherwise choose by this header alone.
 ACCEPT = "text/plain;version=0.0.4;q=1.0,*/*;q=0.1"
 HEADERS = [(b"User-Agent", USER_AGENT.encode()), (b"Accept", ACCEPT.encode())]
+NOT_SCRAPED = "not scraped: all {} scrape workers were busy until the deadline"
 GRACE_S = 0.5
 """How long past the deadline a round waits for jobs already running. Their network
 operations all end by the deadline; what may be left is the parse of a body that
@@ -131,6 +133,7 @@ class ScrapeSource:
         self._parsers: dict[TargetKey, ExpositionParser] = {}
         self._accepted: dict[TargetKey, object] = {}  # the series list of each target's last stored scrape
         self._busy: dict[TargetKey, Future[ParsedSamples]] = {}  # jobs still running past their round
+        self._last_tried: dict[TargetKey, float] = {}  # when a worker last took each target's job
         self.scrapes_total: dict[TargetKey, int] = {}
         """Scrape attempts per target since start (the service exports these as counters)."""
         self.scrape_failures_total: dict[TargetKey, int] = {}
@@ -150,13 +153,18 @@ class ScrapeSource:
         targets = self.registry.targets()
         self._forget_others(targets)
         self._busy = {k: f for k, f in self._busy.items() if not f.done()}
-        due = sorted((t for t in targets if t.key not in self._busy and self.should_scrape(t, now)), key=_priority)
+        due = [t for t in targets if t.key not in self._busy and self.should_scrape(t, now)]
+        # Those that answered last time first; the others by turns, least recently tried first,
+        # so however many dead targets there are, a live one is tried within a few rounds.
+        tried = self._last_tried
+        due.sort(key=lambda t: (_priority(t), tried.get(t.key, -math.inf)))
         begun: set[TargetKey] = set()  # keys whose job a worker has taken (set.add is atomic)
         jobs = {self._pool.submit(self._fetch, t, self._parser_for(t), until, begun): t for t in due}
         # Workers fetch and parse; the store is not thread-safe, so this thread adds.
         wait_all(jobs, timeout=max(0.0, until - time.monotonic()))
         running = [f for f, t in jobs.items() if t.key in begun]
         wait_all(running, timeout=max(0.0, until + GRACE_S - time.monotonic()))
+        tried.update(dict.fromkeys(begun, now))
         ok = samples = 0
         errors: dict[TargetKey, str] = {}
         for future, target in jobs.items():
@@ -193,7 +201,7 @@ class ScrapeSource:
             self._busy[target.key] = future
             if begun:
                 return f"timed out after {self.timeout_s:g} s"
-            return f"not scraped: all {self.max_in_flight} scrape workers were busy until the deadline"
+            return NOT_SCRAPED.format(self.max_in_flight)
         error = future.exception()
         if error is not None:
             return describe(error, self.timeout_s)
@@ -221,7 +229,7 @@ class ScrapeSource:
         if len(self._parsers) <= len(targets):
             return
         live = {t.key for t in targets}
-        for kept in (self._parsers, self._accepted, self.scrapes_total, self.scrape_failures_total):
+        for kept in (self._parsers, self._accepted, self._last_tried, self.scrapes_total, self.scrape_failures_total):
             for key in [k for k in kept if k not in live]:
                 del kept[key]
 
@@ -236,6 +244,8 @@ class ScrapeSource:
 
     def _fetch(self, target: Target, parser: ExpositionParser, until: float, begun: set[TargetKey]) -> ParsedSamples:
         """Runs in a worker thread: one GET ending by ``until``, bounded in size, then parse within the limits."""
+        if time.monotonic() >= until:
+            raise ScrapeError(NOT_SCRAPED.format(self.max_in_flight))
         begun.add(target.key)
         with deadline(until):
             body = self._get(target.metrics_url, until)
@@ -274,12 +284,10 @@ class ScrapeSource:
 
 
 def _priority(target: Target) -> int:
-    """Scrape order within a round: answered last time, then new, then failing, then stale."""
+    """Scrape order within a round: answered last time, then new or failing, then stale."""
     if target.stale:
-        return 3
-    if target.last_attempt is None:
-        return 1
-    return 0 if target.last_error is None else 2
+        return 2
+    return 0 if target.last_attempt is not None and target.last_error is None else 1
 
 
 def describe(error: BaseException, timeout_s: float) -> str:
