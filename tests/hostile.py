@@ -34,6 +34,7 @@ class HostileTarget:
         """Connections the client closed before the whole answer was sent."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._conns: set[socket.socket] = set()
         self._handle = handle
         if handle is not None:
             self._start(self._accept_loop)
@@ -55,6 +56,7 @@ class HostileTarget:
             self._start(self._serve, conn)
 
     def _serve(self, conn: socket.socket) -> None:
+        self._conns.add(conn)
         with conn:
             conn.settimeout(5)
             try:
@@ -66,7 +68,10 @@ class HostileTarget:
                     self.last_request = request
                     self._handle(conn)
             except OSError:
-                self.hung_up += 1
+                if not self._stop.is_set():
+                    self.hung_up += 1
+            finally:
+                self._conns.discard(conn)
 
     def stopped(self) -> bool:
         return self._stop.is_set()
@@ -74,6 +79,11 @@ class HostileTarget:
     def stop(self) -> None:
         self._stop.set()
         self.sock.close()
+        for conn in list(self._conns):  # wakes the threads waiting on a kept-alive connection
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self._threads:
             thread.join(5)
 

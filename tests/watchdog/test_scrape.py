@@ -20,6 +20,7 @@ from prometheus_client import (
 
 from tests.hostile import serving
 from tests.integration.servers import free_port
+from tests.integration.watchdog_process import wait_until
 
 GOOD = ("good", 0)
 DEAD = ("dead", 0)
@@ -107,16 +108,24 @@ def test_failing_targets_go_stale_and_are_retried_only_every_stale_retry(setup):
     source.scrape_all(now=1005.0)
     assert not registry.get(DEAD).stale  # silent 5 s of the 10 allowed
     source.scrape_all(now=1010.0)
-    assert registry.get(DEAD).stale and registry.get(SILENT).stale
+    assert registry.get(DEAD).stale
     assert not registry.get(GOOD).stale
+    # SILENT ran into the deadline at 1005, so the 1010 round did not wait for it: its
+    # outcome is recorded by the next round, dated by its own.
+    assert not registry.get(SILENT).stale
+    wait_until("SILENT's scrape to end", lambda: source.in_flight() == 0)
 
     source.scrape_all(now=1015.0)  # stale ones are not due: only the good one is scraped
+    assert registry.get(SILENT).stale and registry.get(SILENT).last_attempt == 1010.0
     assert source.scrapes_total == {GOOD: 3, DEAD: 2, SILENT: 2}
     source.scrape_all(now=1040.0)  # 30 s after their last attempt: retried
     assert source.scrapes_total == {GOOD: 4, DEAD: 3, SILENT: 3}
+    wait_until("SILENT's retry to end", lambda: source.in_flight() == 0)
+    source.scrape_all(now=1041.0)
     assert source.scrape_failures_total == {DEAD: 3, SILENT: 3}
+    assert registry.get(SILENT).last_attempt == 1040.0
     times = [t for t, _ in _value(store, "gradwatch_grad_norm", run="good", layer="fc1.weight")]
-    assert times == [1005.0, 1010.0, 1015.0, 1040.0]
+    assert times == [1005.0, 1010.0, 1015.0, 1040.0, 1041.0]
 
 
 def test_restarted_agent_reregisters_and_its_history_continues(setup):

@@ -8,6 +8,7 @@ a registration flood, and a target whose answer would leak into ``last_error``.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -17,7 +18,7 @@ from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.settings import Settings
 from gradwatch.watchdog.sources.scrape import ScrapeSource, TargetLimits
 from gradwatch.watchdog.sources.targets import RegistryFull, TargetRegistry
-from tests.hostile import HostileTarget, black_hole, serving, trickling
+from tests.hostile import HostileTarget, black_hole, response, serving, trickling
 from tests.integration.watchdog_process import wait_until
 from tests.watchdog.fakes import T0, Clock
 
@@ -70,6 +71,50 @@ def test_a_target_trickling_its_status_line_is_cut_off_at_the_deadline(stack):
     assert _step(store, "healthy") == [(T0, 7.0)]  # stored in the very round the slow one failed
     assert _step(store, "slow") == []
     wait_until("the trickling target sees the watchdog hang up", lambda: slow.hung_up == 1)
+
+
+def test_rounds_after_a_target_ran_into_the_deadline_do_not_wait_for_it(stack):
+    slow = trickling(every_s=0.2)
+    stack.append(slow)
+    registry, store = TargetRegistry(), SampleStore()
+    _register(registry, ("slow", 0), slow.url)
+    _register(registry, HEALTHY, _healthy(stack).url)
+    source = _source(stack, registry, store, timeout_s=1.0)
+    assert ("slow", 0) in source.scrape_all(T0).errors  # its first scrape: waited for, up to the deadline
+
+    second = source.scrape_all(T0 + 1)
+
+    # The round ended while the slow target's scrape (deadline 1 s, ~20 s of trickle) still ran.
+    assert source.in_flight() == 1 and second.errors == {}
+    assert _step(store, "healthy") == [(T0, 7.0), (T0 + 1, 7.0)]
+    wait_until("the slow scrape's deadline", lambda: source.in_flight() == 0)
+    third = source.scrape_all(T0 + 2)
+    assert third.errors == {("slow", 0): "timed out after 1 s"}
+    assert registry.get(("slow", 0)).last_attempt == T0 + 1  # dated by the round it started in
+
+
+def test_a_slow_target_that_recovers_is_stored_at_its_rounds_time_and_waited_for_again(stack):
+    answered = []
+
+    def slow_once(conn) -> None:
+        answered.append(True)
+        if len(answered) == 1:
+            time.sleep(0.8)  # past the 0.5-s deadline, once
+        conn.sendall(response(b"gradwatch_step 5\n"))
+
+    target = HostileTarget(slow_once)
+    stack.append(target)
+    registry, store = TargetRegistry(), SampleStore()
+    _register(registry, ("flaky", 0), target.url)
+    source = _source(stack, registry, store, timeout_s=0.5)
+    assert source.scrape_all(T0).errors == {("flaky", 0): "timed out after 0.5 s"}
+
+    source.scrape_all(T0 + 1)  # not waited for: recorded at this round's end or the next one's start
+    wait_until("the second scrape to end", lambda: source.in_flight() == 0)
+    source.scrape_all(T0 + 2)
+
+    assert _step(store, "flaky") == [(T0 + 1, 5.0), (T0 + 2, 5.0)]
+    assert registry.get(("flaky", 0)).last_error is None
 
 
 def test_black_holed_targets_are_waited_on_together_not_in_batches(stack):

@@ -11,7 +11,8 @@ counted and reported, never lets the round fail, and never delays another:
   round waits for its targets no longer than that;
 - targets are scraped concurrently by ``max_in_flight`` workers, those that
   answered last time first, so a crowd of dead ones cannot queue ahead of them;
-  a target still in flight from an earlier round is not scraped again meanwhile;
+  a target whose last scrape ran into the deadline has workers of its own and the
+  round does not wait for it; one still in flight is not scraped again meanwhile;
 - :class:`TargetLimits` bound what one target may put in memory (Prometheus's
   ``sample_limit``, plus a limit on the series it holds, which bounds label churn);
   over a limit its scrape fails with the reason and its samples are dropped;
@@ -94,13 +95,39 @@ class ScrapeResult:
     """Registrations removed this round for silence (see :meth:`TargetRegistry.expire`)."""
 
 
+@dataclass(slots=True)
+class _Job:
+    """One target's scrape, started in the round at ``round_at`` (its samples' timestamp)."""
+
+    target: Target
+    round_at: float
+    future: Future[ParsedSamples]
+    background: bool
+    """A target whose last scrape ran into the deadline: the round does not wait for it."""
+    recorded: bool = False
+    """Its round already recorded it as failed; whatever it returns later is dropped."""
+
+
+@dataclass
+class _Tally:
+    ok: int = 0
+    samples: int = 0
+    errors: dict[TargetKey, str] = field(default_factory=dict)
+
+
 class ScrapeSource:
     """Fills ``store`` from the targets in ``registry``, one round per :meth:`scrape_all`.
 
     ``timeout_s`` is the deadline of every target's exchange in a round, counted
     from the round's start. Stale targets are retried every ``stale_retry_s``
     seconds instead of every round. ``max_in_flight`` workers scrape at once.
-    One round at a time: the service's loop calls it, not several threads.
+
+    A target whose last scrape ran into the deadline (a black hole, a trickle) is
+    still scraped, with the same deadline, by workers of its own, but the round does
+    not wait for it: its outcome is recorded when it ends, dated by the round it
+    started in (its samples too), at the latest by the next round. So a slow target
+    costs the rounds its deadline once, not every round, and never takes a worker
+    from the others. One round at a time: the service's loop calls it, not several threads.
     """
 
     def __init__(
@@ -125,14 +152,16 @@ class ScrapeSource:
         self.limits = limits
         # No retries, no redirects (httpcore never follows them): one GET per target per round.
         self._http = httpcore.ConnectionPool(
-            max_connections=max_in_flight,
+            max_connections=2 * max_in_flight,
             max_keepalive_connections=max_in_flight,
             network_backend=DeadlineBackend(),
         )
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gradwatch-scrape")
+        self._slow_pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gradwatch-scrape-slow")
         self._parsers: dict[TargetKey, ExpositionParser] = {}
         self._accepted: dict[TargetKey, object] = {}  # the series list of each target's last stored scrape
-        self._busy: dict[TargetKey, Future[ParsedSamples]] = {}  # jobs still running past their round
+        self._busy: dict[TargetKey, _Job] = {}  # jobs still running after their round
+        self._slow: set[TargetKey] = set()  # targets whose last scrape ran into the deadline
         self._last_tried: dict[TargetKey, float] = {}  # when a worker last took each target's job
         self.scrapes_total: dict[TargetKey, int] = {}
         """Scrape attempts per target since start (the service exports these as counters)."""
@@ -150,63 +179,91 @@ class ScrapeSource:
         started = time.monotonic()
         until = started + self.timeout_s
         expired = self.registry.expire(now)
+        tally = _Tally()
+        for key, job in list(self._busy.items()):  # ended since the last round: record them, dated by theirs
+            if job.future.done():
+                del self._busy[key]
+                if not job.recorded:
+                    self._settle(job, tally)
         targets = self.registry.targets()
         self._forget_others(targets)
-        self._busy = {k: f for k, f in self._busy.items() if not f.done()}
         due = [t for t in targets if t.key not in self._busy and self.should_scrape(t, now)]
         # Those that answered last time first; the others by turns, least recently tried first,
         # so however many dead targets there are, a live one is tried within a few rounds.
         tried = self._last_tried
         due.sort(key=lambda t: (_priority(t), tried.get(t.key, -math.inf)))
         begun: set[TargetKey] = set()  # keys whose job a worker has taken (set.add is atomic)
-        jobs = {self._pool.submit(self._fetch, t, self._parser_for(t), until, begun): t for t in due}
+        jobs = []
+        for target in due:
+            background = target.key in self._slow
+            pool = self._slow_pool if background else self._pool
+            future = pool.submit(self._fetch, target, self._parser_for(target), until, begun)
+            jobs.append(_Job(target, now, future, background))
+            self.scrapes_total[target.key] = self.scrapes_total.get(target.key, 0) + 1
         # Workers fetch and parse; the store is not thread-safe, so this thread adds.
-        wait_all(jobs, timeout=max(0.0, until - time.monotonic()))
-        running = [f for f, t in jobs.items() if t.key in begun]
+        waited = [j for j in jobs if not j.background]
+        wait_all([j.future for j in waited], timeout=max(0.0, until - time.monotonic()))
+        running = [j.future for j in waited if j.target.key in begun]
         wait_all(running, timeout=max(0.0, until + GRACE_S - time.monotonic()))
         tried.update(dict.fromkeys(begun, now))
-        ok = samples = 0
-        errors: dict[TargetKey, str] = {}
-        for future, target in jobs.items():
-            key = target.key
-            self.scrapes_total[key] = self.scrapes_total.get(key, 0) + 1
-            outcome = self._outcome(future, target, key in begun)
-            if isinstance(outcome, ParsedSamples):
-                samples += outcome.add_to(self.store, now)
-                ok += 1
-                self._accepted[key] = outcome.series
-                self.registry.mark_scraped(key, now, True, url=target.metrics_url)
+        for job in jobs:
+            key = job.target.key
+            if job.future.done():
+                self._settle(job, tally)
                 continue
-            message = outcome
-            errors[key] = message
-            self.scrape_failures_total[key] = self.scrape_failures_total.get(key, 0) + 1
-            self.registry.mark_scraped(key, now, False, message, url=target.metrics_url)
+            self._busy[key] = job  # not scraped again until it ends
+            if not job.background:  # the round waited its deadline for it: a failure now
+                job.recorded = True
+                timed_out = key in begun
+                message = f"timed out after {self.timeout_s:g} s" if timed_out else NOT_SCRAPED.format(self.max_in_flight)
+                self._record_failure(job, message, tally, timed_out)
         return ScrapeResult(
-            ok=ok,
-            failed=len(errors),
-            samples=samples,
+            ok=tally.ok,
+            failed=len(tally.errors),
+            samples=tally.samples,
             duration_s=time.monotonic() - started,
-            errors=errors,
+            errors=tally.errors,
             expired=expired,
         )
+
+    def in_flight(self) -> int:
+        """Scrapes still running after their round (slow targets'); each ends by its round's deadline."""
+        return sum(1 for job in self._busy.values() if not job.future.done())
 
     def close(self) -> None:
         """Stop the worker threads (each ends by its round's deadline) and close every connection."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._slow_pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
 
-    def _outcome(self, future: Future[ParsedSamples], target: Target, begun: bool) -> ParsedSamples | str:
-        """What to store of one job at the end of its round, or why it failed."""
-        if not future.done():  # its result, when it comes, is dropped: the round records the failure
-            self._busy[target.key] = future
-            if begun:
-                return f"timed out after {self.timeout_s:g} s"
-            return NOT_SCRAPED.format(self.max_in_flight)
-        error = future.exception()
+    def _settle(self, job: _Job, tally: _Tally) -> None:
+        """Store an ended job's samples at its round's time, or record why it failed."""
+        error = job.future.exception()
         if error is not None:
-            return describe(error, self.timeout_s)
-        parsed = future.result()
-        return self._over_limit(target, parsed) or parsed
+            timed_out = isinstance(error, httpcore.TimeoutException)
+            self._record_failure(job, describe(error, self.timeout_s), tally, timed_out)
+            return
+        parsed = job.future.result()
+        refused = self._over_limit(job.target, parsed)
+        if refused is not None:
+            self._record_failure(job, refused, tally, False)
+            return
+        key = job.target.key
+        tally.samples += parsed.add_to(self.store, job.round_at)
+        tally.ok += 1
+        self._accepted[key] = parsed.series
+        self._slow.discard(key)
+        self.registry.mark_scraped(key, job.round_at, True, url=job.target.metrics_url)
+
+    def _record_failure(self, job: _Job, message: str, tally: _Tally, timed_out: bool) -> None:
+        key = job.target.key
+        tally.errors[key] = message
+        self.scrape_failures_total[key] = self.scrape_failures_total.get(key, 0) + 1
+        if timed_out:
+            self._slow.add(key)
+        else:
+            self._slow.discard(key)
+        self.registry.mark_scraped(key, job.round_at, False, message, url=job.target.metrics_url)
 
     def _over_limit(self, target: Target, parsed: ParsedSamples) -> str | None:
         """Why storing ``parsed`` would break ``target``'s limits, or None. Reads the store: this thread only."""
@@ -232,6 +289,7 @@ class ScrapeSource:
         for kept in (self._parsers, self._accepted, self._last_tried, self.scrapes_total, self.scrape_failures_total):
             for key in [k for k in kept if k not in live]:
                 del kept[key]
+        self._slow &= live
 
     def _parser_for(self, target: Target) -> ExpositionParser:
         # One parser per target: it reuses its previous parse while the target's
