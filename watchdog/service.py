@@ -52,6 +52,7 @@ from gradwatch.watchdog.store import AuditEntry, RunRecord, Store
 
 log = logging.getLogger(__name__)
 
+LOGGED_FLIPS = 10  # staleness flips logged one by one per round; the rest as one line
 PRUNE_EVERY_S = 60.0  # how often series of runs long gone are dropped from memory
 ALERT_STATES = ("pending", "firing", "resolved")
 
@@ -399,7 +400,7 @@ class Service:
                 continue
             # Registered "at" its last sighting, so staleness and expiry count from then.
             try:
-                self.registry.register(registration, r.last_seen)
+                self.registry.register(registration, r.last_seen, stale=r.stale)
             except RegistryFull:
                 log.warning("not watching stored run %s rank %d: max_registrations reached", r.run, r.rank)
 
@@ -419,16 +420,24 @@ class Service:
             log.exception("cannot record %d expired registration(s) in the store", len(expired))
         log.info("%d registration(s) expired after %g s without an answer", len(expired), self.settings.registration_expiry)
 
-    def _on_target_change(self, target: Target) -> None:
-        if target.last_attempt is None:
-            return  # a (re-)registration or a restored run: register() and the store already have it
-        kind = "run.stale" if target.stale else "run.recovered"
-        details = {"rank": target.rank, "error": target.last_error} if target.stale else {"rank": target.rank}
+    def _on_target_change(self, targets: list[Target]) -> None:
+        """Persist staleness flips (a round's, in one transaction); registrations are already stored."""
+        flips = [t for t in targets if t.last_attempt is not None]
+        if not flips:
+            return
         with self.store.transaction():
-            self.store.set_stale(target.run, target.rank, target.stale)
-            self.store.append_audit(kind, time=target.last_attempt, run=target.run, details=details)
-        log.log(logging.WARNING if target.stale else logging.INFO, "run %s rank %d is %s", target.run, target.rank,
-                "stale: " + str(target.last_error) if target.stale else "answering again")
+            for target in flips:
+                kind = "run.stale" if target.stale else "run.recovered"
+                details = {"rank": target.rank, "error": target.last_error} if target.stale else {"rank": target.rank}
+                self.store.set_stale(target.run, target.rank, target.stale)
+                self.store.append_audit(kind, time=target.last_attempt, run=target.run, details=details)
+        for target in flips[:LOGGED_FLIPS]:
+            log.log(logging.WARNING if target.stale else logging.INFO, "run %s rank %d is %s", target.run, target.rank,
+                    "stale: " + str(target.last_error) if target.stale else "answering again")
+        rest = flips[LOGGED_FLIPS:]
+        if rest:
+            stale = sum(t.stale for t in rest)
+            log.warning("... and %d more runs: %d stale, %d answering again", len(rest), stale, len(rest) - stale)
 
     # -- alerts and audit ----------------------------------------------------------------
 

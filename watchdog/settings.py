@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     )
     scrape_timeout: PositiveSeconds | None = Field(
         None,
-        description="Seconds one round's source may take: each agent's scrape, or the Prometheus query. "
-        "None: the scrape interval.",
+        description="Seconds one round's source may take: the deadline of each agent's whole scrape (connect, "
+        "headers and body, counted from the round's start), or of the Prometheus query. None: the scrape interval.",
     )
     stale_after: PositiveSeconds = Field(
         60.0, description="A registered run that has not answered a scrape for this long is marked stale."

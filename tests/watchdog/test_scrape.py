@@ -118,11 +118,12 @@ def test_failing_targets_go_stale_and_are_retried_only_every_stale_retry(setup):
     source.scrape_all(now=1015.0)  # stale ones are not due: only the good one is scraped
     assert registry.get(SILENT).stale and registry.get(SILENT).last_attempt == 1010.0
     assert source.scrapes_total == {GOOD: 3, DEAD: 2, SILENT: 2}
-    source.scrape_all(now=1040.0)  # 30 s after their last attempt: retried
-    assert source.scrapes_total == {GOOD: 4, DEAD: 3, SILENT: 3}
-    wait_until("SILENT's retry to end", lambda: source.in_flight() == 0)
+    source.scrape_all(now=1040.0)  # 30 s after their last attempt: retried (stale: not waited for)
+    wait_until("the stale targets' retries to end", lambda: source.in_flight() == 0)
     source.scrape_all(now=1041.0)
+    assert source.scrapes_total == {GOOD: 5, DEAD: 3, SILENT: 3}
     assert source.scrape_failures_total == {DEAD: 3, SILENT: 3}
+    assert registry.get(DEAD).last_attempt == 1040.0
     assert registry.get(SILENT).last_attempt == 1040.0
     times = [t for t, _ in _value(store, "gradwatch_grad_norm", run="good", layer="fc1.weight")]
     assert times == [1005.0, 1010.0, 1015.0, 1040.0, 1041.0]

@@ -11,14 +11,15 @@ import itertools
 import time
 
 import pytest
-
 from gradwatch.watchdog.samples import SampleStore
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.settings import Settings
 from gradwatch.watchdog.sources.scrape import ScrapeSource, TargetLimits
 from gradwatch.watchdog.sources.targets import RegistryFull, TargetRegistry
+
 from tests.hostile import HostileTarget, black_hole, response, serving, trickling
+from tests.integration.servers import free_port
 from tests.integration.watchdog_process import wait_until
 from tests.watchdog.fakes import T0, Clock
 
@@ -146,12 +147,15 @@ def test_a_crowd_of_dead_targets_cannot_starve_a_live_one(stack):
     _register(registry, HEALTHY, _healthy(stack).url)  # registered last: queued behind the holes
     source = _source(stack, registry, store, timeout_s=0.5, max_in_flight=4)
 
-    errors = [source.scrape_all(T0 + t).errors.get(HEALTHY) for t in range(5)]
+    rounds = [source.scrape_all(T0 + t) for t in range(5)]
 
-    # 9 targets, 4 workers: those not tried go first next round, so the live one is tried
-    # by the third round; once it answered, it goes before every failing target.
-    assert errors == ["not scraped: all 4 scrape workers were busy until the deadline"] * 2 + [None] * 3
+    # 9 targets, 4 workers: those no worker reached are skipped (not failed) and go first
+    # next round, so the live one is tried by the third round; once it answered, it goes
+    # before every failing target, and the failing ones have workers of their own.
+    assert [r.skipped for r in rounds[:2]] == [5, 1]
+    assert all(HEALTHY not in r.errors for r in rounds)
     assert _step(store, "healthy") == [(T0 + 2, 7.0), (T0 + 3, 7.0), (T0 + 4, 7.0)]
+    assert source.scrapes_total[HEALTHY] == 3 and HEALTHY not in source.scrape_failures_total
 
 
 def test_run_and_rank_come_from_the_registration_never_from_the_exposition(stack):
@@ -209,10 +213,11 @@ def test_label_churn_stops_at_the_targets_series_limit(stack):
     errors = [source.scrape_all(T0 + i).errors.get(("churn", 0)) for i in range(6)]
 
     assert errors[:2] == [None, None]  # 50, then 100 series held
-    assert errors[2:] == [
+    churn = (
         "series limit: 50 new series would make 150, over target_series_limit (120); "
         "labels that change every scrape (label churn) do this"
-    ] * 4
+    )
+    assert errors[2:] == [churn] * 4
     assert store.series_of("churn", "0") == 100  # bounded: the refused scrapes added nothing
     assert len(_step(store, "healthy")) == 6  # the other target is unaffected
 
@@ -323,3 +328,23 @@ def test_limit_settings_are_checked_together():
         Settings(stale_after=120, registration_expiry=60)
     with pytest.raises(ValueError, match="target_series_limit"):
         Settings(target_sample_limit=1000, target_series_limit=10)
+
+
+def test_stale_runs_restored_from_the_store_stay_stale_and_flip_in_one_transaction(tmp_path, stack):
+    db = str(tmp_path / "gw.db")
+    clock = Clock()
+    settings = Settings(db=db, stale_after=10, scrape_timeout=0.5)
+    first = Service(settings, clock=clock)
+    for i in range(30):
+        first.register(Registration(run=f"gone-{i}", rank=0, metrics_url=f"http://127.0.0.1:{free_port()}/metrics"))
+    commits = []
+    first.store._conn.set_trace_callback(lambda sql: commits.append(sql) if sql.upper().startswith("COMMIT") else None)
+    clock.t = T0 + 10
+    first.tick()  # every run silent 10 s: all go stale in this round
+    first.close()
+
+    assert sum(1 for r in first.registry.targets() if r.stale) == 30
+    assert len(commits) <= 3  # the flips, the round's progress and alerts: not one per run
+    again = Service(settings, clock=clock)
+    stack.append(again)
+    assert all(t.stale for t in again.registry.targets())  # retried every 30 s, not every round

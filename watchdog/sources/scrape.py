@@ -49,7 +49,6 @@ USER_AGENT = f"gradwatch-watchdog/{_package_version()}"
 # prometheus-client would otherwise choose by this header alone.
 ACCEPT = "text/plain;version=0.0.4;q=1.0,*/*;q=0.1"
 HEADERS = [(b"User-Agent", USER_AGENT.encode()), (b"Accept", ACCEPT.encode())]
-NOT_SCRAPED = "not scraped: all {} scrape workers were busy until the deadline"
 GRACE_S = 0.5
 """How long past the deadline a round waits for jobs already running. Their network
 operations all end by the deadline; what may be left is the parse of a body that
@@ -58,6 +57,10 @@ came just in time, or a DNS lookup (which no timeout interrupts)."""
 
 class ScrapeError(RuntimeError):
     """One target's scrape failed; the message says why, in words that never quote the response."""
+
+
+class _NotScraped(ScrapeError):
+    """A worker took the job only after its deadline: the target was not tried."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class ScrapeResult:
     errors: dict[TargetKey, str] = field(default_factory=dict)
     expired: list[Target] = field(default_factory=list)
     """Registrations removed this round for silence (see :meth:`TargetRegistry.expire`)."""
+    skipped: int = 0
+    """Due targets no worker reached before the deadline: tried first next round, not counted as failures."""
 
 
 @dataclass(slots=True)
@@ -112,6 +117,7 @@ class _Job:
 class _Tally:
     ok: int = 0
     samples: int = 0
+    skipped: int = 0
     errors: dict[TargetKey, str] = field(default_factory=dict)
 
 
@@ -180,43 +186,12 @@ class ScrapeSource:
         until = started + self.timeout_s
         expired = self.registry.expire(now)
         tally = _Tally()
-        for key, job in list(self._busy.items()):  # ended since the last round: record them, dated by theirs
-            if job.future.done():
-                del self._busy[key]
-                if not job.recorded:
-                    self._settle(job, tally)
-        targets = self.registry.targets()
-        self._forget_others(targets)
-        due = [t for t in targets if t.key not in self._busy and self.should_scrape(t, now)]
-        # Those that answered last time first; the others by turns, least recently tried first,
-        # so however many dead targets there are, a live one is tried within a few rounds.
-        tried = self._last_tried
-        due.sort(key=lambda t: (_priority(t), tried.get(t.key, -math.inf)))
-        begun: set[TargetKey] = set()  # keys whose job a worker has taken (set.add is atomic)
-        jobs = []
-        for target in due:
-            background = target.key in self._slow
-            pool = self._slow_pool if background else self._pool
-            future = pool.submit(self._fetch, target, self._parser_for(target), until, begun)
-            jobs.append(_Job(target, now, future, background))
-            self.scrapes_total[target.key] = self.scrapes_total.get(target.key, 0) + 1
-        # Workers fetch and parse; the store is not thread-safe, so this thread adds.
-        waited = [j for j in jobs if not j.background]
-        wait_all([j.future for j in waited], timeout=max(0.0, until - time.monotonic()))
-        running = [j.future for j in waited if j.target.key in begun]
-        wait_all(running, timeout=max(0.0, until + GRACE_S - time.monotonic()))
-        tried.update(dict.fromkeys(begun, now))
-        for job in jobs:
-            key = job.target.key
-            if job.future.done():
-                self._settle(job, tally)
-                continue
-            self._busy[key] = job  # not scraped again until it ends
-            if not job.background:  # the round waited its deadline for it: a failure now
-                job.recorded = True
-                timed_out = key in begun
-                message = f"timed out after {self.timeout_s:g} s" if timed_out else NOT_SCRAPED.format(self.max_in_flight)
-                self._record_failure(job, message, tally, timed_out)
+        with self.registry.batch():  # the round's staleness flips reach the store in one transaction
+            self._settle_ended(tally)
+            jobs = self._submit(now, until)
+            self._wait(jobs, until)
+            for job in jobs:
+                self._finish(job, tally)
         return ScrapeResult(
             ok=tally.ok,
             failed=len(tally.errors),
@@ -224,7 +199,59 @@ class ScrapeSource:
             duration_s=time.monotonic() - started,
             errors=tally.errors,
             expired=expired,
+            skipped=tally.skipped,
         )
+
+    def _settle_ended(self, tally: _Tally) -> None:
+        """Record the jobs of earlier rounds that ended since, dated by their own rounds."""
+        for key, job in list(self._busy.items()):
+            if job.future.done():
+                del self._busy[key]
+                if not job.recorded:
+                    self._settle(job, tally)
+
+    def _submit(self, now: float, until: float) -> list[_Job]:
+        targets = self.registry.targets()
+        self._forget_others(targets)
+        due = [t for t in targets if t.key not in self._busy and self.should_scrape(t, now)]
+        # Those that answered last time first; the others by turns, least recently tried first,
+        # so however many dead targets there are, a live one is tried within a few rounds.
+        tried = self._last_tried
+        due.sort(key=lambda t: (_priority(t), tried.get(t.key, -math.inf)))
+        # Slow and stale targets go to their own workers, never more than are free: the
+        # others wait for a later round (they are then the least recently tried).
+        free = self.max_in_flight - sum(1 for j in self._busy.values() if j.background and not j.future.done())
+        jobs = []
+        for target in due:
+            background = target.stale or target.key in self._slow
+            if background:
+                if free <= 0:
+                    continue
+                free -= 1
+            pool = self._slow_pool if background else self._pool
+            future = pool.submit(self._fetch, target, self._parser_for(target), until)
+            jobs.append(_Job(target, now, future, background))
+        return jobs
+
+    def _wait(self, jobs: list[_Job], until: float) -> None:
+        """Wait for the round's other jobs until the deadline; those no worker took by then are cancelled."""
+        waited = [j for j in jobs if not j.background]
+        wait_all([j.future for j in waited], timeout=max(0.0, until - time.monotonic()))
+        running = [j.future for j in waited if not j.future.cancel()]  # cancel() fails once a worker took it
+        wait_all(running, timeout=max(0.0, until + GRACE_S - time.monotonic()))
+
+    def _finish(self, job: _Job, tally: _Tally) -> None:
+        key = job.target.key
+        if job.future.cancelled():
+            tally.skipped += 1  # never tried: neither an attempt nor a failure
+            return
+        if job.future.done():
+            self._settle(job, tally)
+            return
+        self._busy[key] = job  # not scraped again until it ends
+        if not job.background:  # the round waited its deadline for it: a failure now
+            job.recorded = True
+            self._record_failure(job, f"timed out after {self.timeout_s:g} s", tally, True)
 
     def in_flight(self) -> int:
         """Scrapes still running after their round (slow targets'); each ends by its round's deadline."""
@@ -239,6 +266,9 @@ class ScrapeSource:
     def _settle(self, job: _Job, tally: _Tally) -> None:
         """Store an ended job's samples at its round's time, or record why it failed."""
         error = job.future.exception()
+        if isinstance(error, _NotScraped):
+            tally.skipped += 1
+            return
         if error is not None:
             timed_out = isinstance(error, httpcore.TimeoutException)
             self._record_failure(job, describe(error, self.timeout_s), tally, timed_out)
@@ -249,6 +279,8 @@ class ScrapeSource:
             self._record_failure(job, refused, tally, False)
             return
         key = job.target.key
+        self.scrapes_total[key] = self.scrapes_total.get(key, 0) + 1
+        self._last_tried[key] = job.round_at
         tally.samples += parsed.add_to(self.store, job.round_at)
         tally.ok += 1
         self._accepted[key] = parsed.series
@@ -258,6 +290,8 @@ class ScrapeSource:
     def _record_failure(self, job: _Job, message: str, tally: _Tally, timed_out: bool) -> None:
         key = job.target.key
         tally.errors[key] = message
+        self.scrapes_total[key] = self.scrapes_total.get(key, 0) + 1
+        self._last_tried[key] = job.round_at
         self.scrape_failures_total[key] = self.scrape_failures_total.get(key, 0) + 1
         if timed_out:
             self._slow.add(key)
@@ -300,11 +334,10 @@ class ScrapeSource:
             parser = self._parsers[target.key] = ExpositionParser(labels)
         return parser
 
-    def _fetch(self, target: Target, parser: ExpositionParser, until: float, begun: set[TargetKey]) -> ParsedSamples:
+    def _fetch(self, target: Target, parser: ExpositionParser, until: float) -> ParsedSamples:
         """Runs in a worker thread: one GET ending by ``until``, bounded in size, then parse within the limits."""
         if time.monotonic() >= until:
-            raise ScrapeError(NOT_SCRAPED.format(self.max_in_flight))
-        begun.add(target.key)
+            raise _NotScraped("not scraped: no worker was free before the deadline")
         with deadline(until):
             body = self._get(target.metrics_url, until)
         try:

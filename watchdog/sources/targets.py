@@ -13,10 +13,11 @@ removed by :meth:`TargetRegistry.expire` (its audit history stays). At most
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..schema import Registration
@@ -63,16 +64,18 @@ class RegistryFull(Exception):
 class TargetRegistry:
     """Registered agents keyed by ``(run, rank)``. Safe to call from the API and the scrape loop at once.
 
-    ``on_change(target)`` is called after every registration and every change of
+    ``on_change(targets)`` is called after every registration and every change of
     staleness (not after each scrape), outside the registry's lock, so the service
-    can persist runs to its store. An exception from it is logged and swallowed:
-    a failing store must not stop the watchdog from watching.
+    can persist runs to its store; inside :meth:`batch`, once for all the changes
+    the block made (5,000 targets going stale in one round are one transaction, not
+    5,000). An exception from it is logged and swallowed: a failing store must not
+    stop the watchdog from watching.
     """
 
     def __init__(
         self,
         stale_after_s: float = 60.0,
-        on_change: Callable[[Target], None] | None = None,
+        on_change: Callable[[list[Target]], None] | None = None,
         *,
         expire_after_s: float = 3600.0,
         max_targets: int = 10_000,
@@ -89,6 +92,7 @@ class TargetRegistry:
         self._on_change = on_change
         self._targets: dict[TargetKey, Target] = {}
         self._lock = threading.Lock()
+        self._batch = threading.local()  # the changes held back by this thread's batch()
 
     def ensure_room(self, key: TargetKey) -> None:
         """Raise :class:`RegistryFull` if registering ``key`` now would be refused (a new key, the registry full).
@@ -107,10 +111,23 @@ class TargetRegistry:
                 "expires, and finished runs deregister"
             )
 
-    def register(self, registration: Registration, now: float) -> Target:
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold back this thread's ``on_change`` calls until the block ends, then make one with them all."""
+        held: list[Target] = []
+        self._batch.held = held
+        try:
+            yield
+        finally:
+            self._batch.held = None
+            if held:
+                self._notify(held)
+
+    def register(self, registration: Registration, now: float, *, stale: bool = False) -> Target:
         """Add an agent, or replace its URL after a restart; clears stale. Samples already stored are kept.
 
         Raises :class:`RegistryFull` for a new ``(run, rank)`` when ``max_targets`` are held.
+        ``stale``: restoring a registration the store holds as stale.
         """
         target = Target(
             run=registration.run,
@@ -119,6 +136,7 @@ class TargetRegistry:
             metrics_url=str(registration.metrics_url),
             registered_at=now,
             step_at_registration=registration.step,
+            stale=stale,
         )
         with self._lock:
             self._check_room(target.key)
@@ -127,7 +145,7 @@ class TargetRegistry:
                 # Keep when it last answered: the API shows it, and it survives restarts of the agent.
                 target = dataclasses.replace(target, last_success=previous.last_success)
             self._targets[target.key] = target
-        self._notify(target)
+        self._notify([target])
         return target
 
     def remove(self, key: TargetKey) -> Target | None:
@@ -187,13 +205,18 @@ class TargetRegistry:
                 )
             self._targets[key] = updated
         if updated.stale != target.stale:
-            self._notify(updated)
+            self._notify([updated])
         return updated
 
-    def _notify(self, target: Target) -> None:
+    def _notify(self, targets: list[Target]) -> None:
+        held = getattr(self._batch, "held", None)
+        if held is not None:
+            held.extend(targets)
+            return
         if self._on_change is None:
             return
         try:
-            self._on_change(target)
+            self._on_change(targets)
         except Exception:
-            log.exception("on_change failed for target run=%s rank=%s", target.run, target.rank)
+            log.exception("on_change failed for %d target(s), the first run=%s rank=%s",
+                          len(targets), targets[0].run, targets[0].rank)
