@@ -90,9 +90,9 @@ class Settings(BaseSettings):
         "At least target_sample_limit.",
     )
     max_series: int = Field(
-        2_000_000,
+        1_000_000,
         ge=1,
-        description="Most series the watchdog holds over all agents (about 0.5 KB each); a scrape that would add "
+        description="Most series the watchdog holds over all agents (about 1 KB each); a scrape that would add "
         "past it fails.",
     )
     prometheus_url: HttpUrl | None = Field(

@@ -13,8 +13,8 @@ watchdog's own ``/metrics`` over a window:
 2. **64 black-holed targets**: 64 registrations whose address accepts connections and
    never answers. Mean and worst round time, the healthy run's scrapes.
 3. **label churn**: one target serving 200k series whose labels change every scrape
-   (over the 50k sample limit), then one serving 20k churning series (under it, so the
-   100k per-target series limit is what stops it, after five scrapes). The watchdog's RSS over the window
+   (over the 50k sample limit), then one serving 10k churning series (under it, so the
+   100k per-target series limit is what stops it, after ten scrapes). The watchdog's RSS over the window
    and the mean round time.
 4. **5,000 registrations**: 5,000 stale registrations (a closed port) restored from the
    store at start, retried every 30 s. Mean and worst round time against the interval.
@@ -300,7 +300,7 @@ def run(quick: bool) -> list[Row]:
         rows = slow_target(path, window)
         rows += black_holes(path, window)
         rows += label_churn(path, churn_window, 200_000)
-        rows += label_churn(path, churn_window, 20_000)
+        rows += label_churn(path, churn_window, 10_000)
         # Quick: fewer registrations, and a window shorter than the 30-s stale retry.
         rows += registrations(path, 6.0 if quick else 70.0, 1000 if quick else 5000)
     return rows

@@ -211,15 +211,18 @@ def test_label_churn_stops_at_the_targets_series_limit(stack):
     source = _source(stack, registry, store, timeout_s=1.0, limits=TargetLimits(sample_limit=50, series_limit=120))
 
     errors = [source.scrape_all(T0 + i).errors.get(("churn", 0)) for i in range(6)]
+    wait_until("the last scrape to end", lambda: source.in_flight() == 0)
+    source.scrape_all(T0 + 6)  # records it (later rounds do not wait for a target over a limit)
 
-    assert errors[:2] == [None, None]  # 50, then 100 series held
     churn = (
         "series limit: 50 new series would make 150, over target_series_limit (120); "
         "labels that change every scrape (label churn) do this"
     )
-    assert errors[2:] == [churn] * 4
+    assert errors[:3] == [None, None, churn]  # 50, then 100 series held, then refused
+    assert registry.get(("churn", 0)).last_error == churn
+    assert source.scrape_failures_total[("churn", 0)] >= 4
     assert store.series_of("churn", "0") == 100  # bounded: the refused scrapes added nothing
-    assert len(_step(store, "healthy")) == 6  # the other target is unaffected
+    assert len(_step(store, "healthy")) == 7  # the other target is unaffected
 
 
 def test_the_store_wide_series_limit_refuses_what_would_pass_it(stack):

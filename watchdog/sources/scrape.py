@@ -10,9 +10,12 @@ counted and reported, never lets the round fail, and never delays another:
   exchange, connection, status line, headers and body (:mod:`.deadline`), and the
   round waits for its targets no longer than that;
 - targets are scraped concurrently by ``max_in_flight`` workers, those that
-  answered last time first, so a crowd of dead ones cannot queue ahead of them;
-  a target whose last scrape ran into the deadline has workers of its own and the
-  round does not wait for it; one still in flight is not scraped again meanwhile;
+  answered last time first, the others by turns, so a crowd of dead ones cannot
+  queue ahead of them; a due target no worker reached by the deadline is skipped,
+  not failed, and goes first next round;
+- a target whose last scrape ran into the deadline or a limit, or that is stale, is
+  scraped by workers of its own (no more than are free) and the round does not wait for it;
+  one still in flight is not scraped again meanwhile;
 - :class:`TargetLimits` bound what one target may put in memory (Prometheus's
   ``sample_limit``, plus a limit on the series it holds, which bounds label churn);
   over a limit its scrape fails with the reason and its samples are dropped;
@@ -63,6 +66,10 @@ class _NotScraped(ScrapeError):
     """A worker took the job only after its deadline: the target was not tried."""
 
 
+class _OverLimit(ScrapeError):
+    """The answer broke one of the :class:`TargetLimits`."""
+
+
 @dataclass(frozen=True)
 class TargetLimits:
     """What one target may hold in the watchdog's memory (the settings ``target_*`` and ``max_series``)."""
@@ -72,7 +79,7 @@ class TargetLimits:
     series_limit: int = 100_000
     """Most series one target may hold: those it exports now plus those it stopped exporting
     that the store still keeps (up to an hour). Label churn hits this limit."""
-    max_series: int = 2_000_000
+    max_series: int = 1_000_000
     """Most series the store may hold over every target: the bound on the source's memory."""
     max_body_bytes: int = 64 * 1024 * 1024
     """A body this large is not an agent's exposition; refuse it rather than hold it in memory."""
@@ -108,7 +115,7 @@ class _Job:
     round_at: float
     future: Future[ParsedSamples]
     background: bool
-    """A target whose last scrape ran into the deadline: the round does not wait for it."""
+    """A stale target, or one whose last scrape ran into the deadline or a limit: the round does not wait for it."""
     recorded: bool = False
     """Its round already recorded it as failed; whatever it returns later is dropped."""
 
@@ -128,12 +135,13 @@ class ScrapeSource:
     from the round's start. Stale targets are retried every ``stale_retry_s``
     seconds instead of every round. ``max_in_flight`` workers scrape at once.
 
-    A target whose last scrape ran into the deadline (a black hole, a trickle) is
-    still scraped, with the same deadline, by workers of its own, but the round does
-    not wait for it: its outcome is recorded when it ends, dated by the round it
-    started in (its samples too), at the latest by the next round. So a slow target
-    costs the rounds its deadline once, not every round, and never takes a worker
-    from the others. One round at a time: the service's loop calls it, not several threads.
+    A target whose last scrape ran into the deadline (a black hole, a trickle) or a
+    limit (an oversized or churning exposition), or a stale one, is still scraped, with
+    the same deadline, by workers of its own, but the round does not wait for it: its
+    outcome is recorded when it ends, dated by the round it started in (its samples
+    too), at the latest by the next round. So such a target costs the rounds its
+    deadline once, not every round, and never takes a worker from the others. One
+    round at a time: the service's loop calls it, not several threads.
     """
 
     def __init__(
@@ -163,11 +171,11 @@ class ScrapeSource:
             network_backend=DeadlineBackend(),
         )
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gradwatch-scrape")
-        self._slow_pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gradwatch-scrape-slow")
+        self._costly_pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="gradwatch-scrape-costly")
         self._parsers: dict[TargetKey, ExpositionParser] = {}
         self._accepted: dict[TargetKey, object] = {}  # the series list of each target's last stored scrape
         self._busy: dict[TargetKey, _Job] = {}  # jobs still running after their round
-        self._slow: set[TargetKey] = set()  # targets whose last scrape ran into the deadline
+        self._costly: set[TargetKey] = set()  # targets whose last scrape ran into the deadline or a limit
         self._last_tried: dict[TargetKey, float] = {}  # when a worker last took each target's job
         self.scrapes_total: dict[TargetKey, int] = {}
         """Scrape attempts per target since start (the service exports these as counters)."""
@@ -223,12 +231,12 @@ class ScrapeSource:
         free = self.max_in_flight - sum(1 for j in self._busy.values() if j.background and not j.future.done())
         jobs = []
         for target in due:
-            background = target.stale or target.key in self._slow
+            background = target.stale or target.key in self._costly
             if background:
                 if free <= 0:
                     continue
                 free -= 1
-            pool = self._slow_pool if background else self._pool
+            pool = self._costly_pool if background else self._pool
             future = pool.submit(self._fetch, target, self._parser_for(target), until)
             jobs.append(_Job(target, now, future, background))
         return jobs
@@ -260,7 +268,7 @@ class ScrapeSource:
     def close(self) -> None:
         """Stop the worker threads (each ends by its round's deadline) and close every connection."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._slow_pool.shutdown(wait=True, cancel_futures=True)
+        self._costly_pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
 
     def _settle(self, job: _Job, tally: _Tally) -> None:
@@ -270,13 +278,13 @@ class ScrapeSource:
             tally.skipped += 1
             return
         if error is not None:
-            timed_out = isinstance(error, httpcore.TimeoutException)
-            self._record_failure(job, describe(error, self.timeout_s), tally, timed_out)
+            costly = isinstance(error, (httpcore.TimeoutException, _OverLimit))
+            self._record_failure(job, describe(error, self.timeout_s), tally, costly)
             return
         parsed = job.future.result()
         refused = self._over_limit(job.target, parsed)
         if refused is not None:
-            self._record_failure(job, refused, tally, False)
+            self._record_failure(job, refused, tally, True)
             return
         key = job.target.key
         self.scrapes_total[key] = self.scrapes_total.get(key, 0) + 1
@@ -284,19 +292,20 @@ class ScrapeSource:
         tally.samples += parsed.add_to(self.store, job.round_at)
         tally.ok += 1
         self._accepted[key] = parsed.series
-        self._slow.discard(key)
+        self._costly.discard(key)
         self.registry.mark_scraped(key, job.round_at, True, url=job.target.metrics_url)
 
-    def _record_failure(self, job: _Job, message: str, tally: _Tally, timed_out: bool) -> None:
+    def _record_failure(self, job: _Job, message: str, tally: _Tally, costly: bool) -> None:
+        """``costly``: it ran into the deadline or a limit, so later rounds will not wait for it."""
         key = job.target.key
         tally.errors[key] = message
         self.scrapes_total[key] = self.scrapes_total.get(key, 0) + 1
         self._last_tried[key] = job.round_at
         self.scrape_failures_total[key] = self.scrape_failures_total.get(key, 0) + 1
-        if timed_out:
-            self._slow.add(key)
+        if costly:
+            self._costly.add(key)
         else:
-            self._slow.discard(key)
+            self._costly.discard(key)
         self.registry.mark_scraped(key, job.round_at, False, message, url=job.target.metrics_url)
 
     def _over_limit(self, target: Target, parsed: ParsedSamples) -> str | None:
@@ -323,7 +332,7 @@ class ScrapeSource:
         for kept in (self._parsers, self._accepted, self._last_tried, self.scrapes_total, self.scrape_failures_total):
             for key in [k for k in kept if k not in live]:
                 del kept[key]
-        self._slow &= live
+        self._costly &= live
 
     def _parser_for(self, target: Target) -> ExpositionParser:
         # One parser per target: it reuses its previous parse while the target's
@@ -347,14 +356,14 @@ class ScrapeSource:
         limit = self.limits.sample_limit
         counted = count_samples(text)  # before the parser's ~25 µs a line is spent on an oversized body
         if counted > limit:
-            raise ScrapeError(f"sample limit: {counted} samples, over target_sample_limit ({limit})")
+            raise _OverLimit(f"sample limit: {counted} samples, over target_sample_limit ({limit})")
         try:
             parsed = parser.parse(text)
         except Exception:  # the prometheus-client parser raises more than ValueError on bad input
             # Never its message: it quotes the offending line, i.e. the response.
             raise ScrapeError("unparseable exposition (not the Prometheus text format)") from None
         if len(parsed) > limit:
-            raise ScrapeError(f"sample limit: {len(parsed)} samples, over target_sample_limit ({limit})")
+            raise _OverLimit(f"sample limit: {len(parsed)} samples, over target_sample_limit ({limit})")
         return parsed
 
     def _get(self, url: str, until: float) -> bytes:
@@ -369,7 +378,7 @@ class ScrapeSource:
             for chunk in response.iter_stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ScrapeError(f"response over {limit} bytes")
+                    raise _OverLimit(f"response over {limit} bytes")
                 chunks.append(chunk)
         return b"".join(chunks)
 
