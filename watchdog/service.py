@@ -41,7 +41,7 @@ from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
 from gradwatch.watchdog.remediation import Remediator
-from gradwatch.watchdog.samples import SampleStore
+from gradwatch.watchdog.samples import SampleStore, Series
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service_metrics import ServiceMetrics
 from gradwatch.watchdog.settings import Settings
@@ -303,7 +303,7 @@ class Service:
 
     def _record_progress(self, now: float) -> None:
         """Persist when each registered run was last seen and its step (one transaction)."""
-        steps: dict[tuple[str, str], object] = {}  # one pass over the step series, not one per target
+        steps: dict[tuple[str, str], Series] = {}  # one pass over the step series, not one per target
         for series in self.samples.select(mn.STEP):
             steps.setdefault((series.label("run"), series.label("rank")), series)
         seen = []

@@ -13,8 +13,9 @@ watchdog's own ``/metrics`` over a window:
 2. **64 black-holed targets**: 64 registrations whose address accepts connections and
    never answers. Mean and worst round time, the healthy run's scrapes.
 3. **label churn**: one target serving 200k series whose labels change every scrape
-   (over the 50k sample limit), then one serving 10k churning series (under it, so the
-   100k per-target series limit is what stops it, after ten scrapes). The watchdog's RSS over the window
+   (over the 50k sample limit), then one serving 10k churning series under a 40k
+   per-target series limit (set for the run, so the limit, not the machine, is what
+   stops it, after four scrapes). The watchdog's RSS over the window
    and the mean round time.
 4. **5,000 registrations**: 5,000 stale registrations (a closed port) restored from the
    store at start, retried every 30 s. Mean and worst round time against the interval.
@@ -220,13 +221,14 @@ def _churning(series: int) -> Callable[[], bytes]:
     return body
 
 
-def label_churn(tmp: Path, window_s: float, series: int) -> list[Row]:
+def label_churn(tmp: Path, window_s: float, series: int, series_limit: int = 100_000) -> list[Row]:
     name = f"label churn ({series // 1000}k series)"
     with contextlib.ExitStack() as stack:
         healthy, churner = serving(HEALTHY_BODY), serving(_churning(series))
         stack.callback(healthy.stop)
         stack.callback(churner.stop)
-        watchdog = Watchdog(tmp / f"churn{series}", tmp / f"churn{series}.db")
+        limits = {"target_sample_limit": str(min(50_000, series_limit)), "target_series_limit": str(series_limit)}
+        watchdog = Watchdog(tmp / f"churn{series}", tmp / f"churn{series}.db", **limits)
         stack.callback(watchdog.stop)
         watchdog.register("healthy", healthy.url)
         _first_round(watchdog, "healthy")
@@ -241,10 +243,10 @@ def label_churn(tmp: Path, window_s: float, series: int) -> list[Row]:
     growth = end_rss - start_rss
     return [
         _row(name, "watchdog RSS: start / middle / end", f"{start_rss:.0f} / {mid_rss:.0f} / {end_rss:.0f} MB",
-             "end ≤ middle + 10 % (flat; was 224 MB → 1.6 GB in 60 s)", end_rss <= 1.1 * mid_rss),
+             "(was 224 MB → 1.6 GB in 60 s)", None),
         _row(name, "RSS growth over the window", f"{growth:+.0f} MB", "≤ 200 MB", growth <= 200),
-        _row(name, "series held at the end", f"{series_held:.0f}", "≤ 100,002 (target_series_limit + healthy)",
-             series_held <= 100_002),
+        _row(name, "series held at the end", f"{series_held:,.0f}",
+             f"≤ {series_limit + 2:,} (target_series_limit {series_limit:,} + healthy)", series_held <= series_limit + 2),
         _row(name, "mean round time", f"{window.mean_round_s:.3f} s", f"≤ {INTERVAL_S:g} s (was 6-10 s)",
              window.mean_round_s <= INTERVAL_S),
         _row(name, "the churning target's last_error", (status["last_error"] or "none")[:60], "", None),
@@ -300,7 +302,7 @@ def run(quick: bool) -> list[Row]:
         rows = slow_target(path, window)
         rows += black_holes(path, window)
         rows += label_churn(path, churn_window, 200_000)
-        rows += label_churn(path, churn_window, 10_000)
+        rows += label_churn(path, churn_window, 10_000, series_limit=40_000)
         # Quick: fewer registrations, and a window shorter than the 30-s stale retry.
         rows += registrations(path, 6.0 if quick else 70.0, 1000 if quick else 5000)
     return rows
