@@ -220,7 +220,7 @@ def test_label_churn_stops_at_the_targets_series_limit(stack):
     )
     assert errors[:3] == [None, None, churn]  # 50, then 100 series held, then refused
     assert registry.get(("churn", 0)).last_error == churn
-    assert source.scrape_failures_total[("churn", 0)] >= 4
+    assert source.scrape_failures_total[("churn", 0)] >= 2  # refused again (rounds it was still in flight skip it)
     assert store.series_of("churn", "0") == 100  # bounded: the refused scrapes added nothing
     assert len(_step(store, "healthy")) == 7  # the other target is unaffected
 
