@@ -31,6 +31,7 @@ from gradwatch.watchdog.api_commands import commands_router, pins_router
 from gradwatch.watchdog.api_limits import BodyLimit, add_error_handlers
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import RegistrationRefused, Service
+from gradwatch.watchdog.sources.targets import RegistryFull
 from gradwatch.watchdog.store import MAX_LIMIT
 
 PREFIX = "/api/v1"
@@ -45,6 +46,7 @@ def runs_router(service: Service) -> APIRouter:
         responses={
             403: {"description": "The metrics URL is not the registering client's own address (nor allowlisted)."},
             409: {"description": "Another live agent instance holds this run and rank (open mode)."},
+            429: {"description": "The watchdog holds max_registrations runs already (stale ones expire)."},
         },
     )
     def register_run(registration: Registration, request: Request) -> RegisteredOut:
@@ -64,6 +66,9 @@ def runs_router(service: Service) -> APIRouter:
         except RegistrationRefused as exc:
             service.refusals.refused("run.refused", client, str(exc), {"rank": registration.rank}, run=registration.run)
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        except RegistryFull as exc:
+            service.refusals.refused("run.refused", client, str(exc), {"rank": registration.rank}, run=registration.run)
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(exc)) from None
         return RegisteredOut(run=RunOut.of(run), scrape_interval_s=service.settings.scrape_interval)
 
     @router.get("/runs")

@@ -10,6 +10,9 @@ How much history a series keeps is set per metric name, from what the rules read
 :meth:`~gradwatch.watchdog.engine.RuleEngine.history_needed`): 100 runs of a
 400-tensor model are 320k series, and most of them are only ever read at their
 latest point.
+
+The store counts its series per ``(run, rank)`` (:meth:`SampleStore.series_of`),
+so the scrape source can hold every target to its series limit without a scan.
 """
 
 from __future__ import annotations
@@ -95,6 +98,17 @@ class _Family:
         self.keep_s = keep_s
 
 
+def _owner(labels: Labels) -> tuple[str, str]:
+    """The ``(run, rank)`` a series belongs to ("" for a label it lacks)."""
+    run = rank = ""
+    for k, v in labels:
+        if k == "run":
+            run = v
+        elif k == "rank":
+            rank = v
+    return run, rank
+
+
 class SampleStore:
     """Bounded windows of every series, keyed by metric name, then label set.
 
@@ -108,6 +122,8 @@ class SampleStore:
         self._retention: dict[str, float] = {}
         self._default_retention_s = max_age_s
         self._families: dict[str, _Family] = {}
+        self._owners: dict[tuple[str, str], int] = {}  # series per (run, rank), kept by add and the drops
+        self._series = 0
 
     def set_retention(self, history_s: Mapping[str, float], default_s: float = 0.0) -> None:
         """Keep each metric in ``history_s`` for that many seconds, every other for ``default_s``.
@@ -137,6 +153,9 @@ class SampleStore:
         series = family.series.get(labels)
         if series is None:
             series = family.series[labels] = Series(name, labels)
+            owner = _owner(labels)
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+            self._series += 1
         else:
             last_t, last_v = series.points[-1]  # a stored series always holds its newest point
             if t <= last_t:
@@ -164,25 +183,43 @@ class SampleStore:
                 continue
             yield series
 
+    def has(self, name: str, labels: Labels) -> bool:
+        """True if the series ``(name, labels)`` is held."""
+        family = self._families.get(name)
+        return family is not None and labels in family.series
+
     def drop_older_than(self, t: float) -> None:
         """Forget series whose newest point is older than ``t`` (runs long gone)."""
         for family in self._families.values():
-            series = family.series
-            for key in [k for k, s in series.items() if not s.points or s.points[-1][0] < t]:
-                del series[key]
+            self._forget(family, [k for k, s in family.series.items() if not s.points or s.points[-1][0] < t])
 
     def drop_matching(self, match: Mapping[str, str]) -> int:
         """Forget every series whose labels include all of ``match`` (a run that finished cleanly)."""
         dropped = 0
         for family in self._families.values():
             keys = [k for k, s in family.series.items() if all(s.label(n, None) == v for n, v in match.items())]
-            for key in keys:
-                del family.series[key]
+            self._forget(family, keys)
             dropped += len(keys)
         return dropped
 
+    def _forget(self, family: _Family, keys: list[Labels]) -> None:
+        owners = self._owners
+        for key in keys:
+            del family.series[key]
+            owner = _owner(key)
+            left = owners[owner] - 1
+            if left:
+                owners[owner] = left
+            else:
+                del owners[owner]
+        self._series -= len(keys)
+
     def series_count(self) -> int:
-        return sum(len(f.series) for f in self._families.values())
+        return self._series
+
+    def series_of(self, run: str, rank: str) -> int:
+        """How many series labelled ``run`` and ``rank`` the store holds (one target's, for its series limit)."""
+        return self._owners.get((run, rank), 0)
 
     def point_count(self) -> int:
         """Points held over every series (what the store's memory grows with)."""

@@ -48,18 +48,19 @@ from gradwatch.watchdog.judgement import HISTORY_S, JUDGED_METRICS, Evidence, ju
 from gradwatch.watchdog.remediation import Remediator
 from gradwatch.watchdog.restore import Restorer
 from gradwatch.watchdog.rules.policy import Policy
-from gradwatch.watchdog.samples import SampleStore
+from gradwatch.watchdog.samples import SampleStore, Series
 from gradwatch.watchdog.refusals import RefusalAudit
 from gradwatch.watchdog.schema import Registration, ReplayGuard
 from gradwatch.watchdog.service_metrics import ServiceMetrics
 from gradwatch.watchdog.settings import Settings
 from gradwatch.watchdog.sources.prometheus import PrometheusSource
 from gradwatch.watchdog.sources.scrape import ScrapeSource
-from gradwatch.watchdog.sources.targets import Target, TargetRegistry
+from gradwatch.watchdog.sources.targets import RegistryFull, Target, TargetRegistry
 from gradwatch.watchdog.store import AuditEntry, RunRecord, Store, WriteHealth
 
 log = logging.getLogger(__name__)
 
+LOGGED_FLIPS = 10  # staleness flips logged one by one per round; the rest as one line
 PRUNE_EVERY_S = 60.0  # how often series of runs long gone are dropped from memory
 ALERT_STATES = ("pending", "firing", "resolved")
 
@@ -137,7 +138,10 @@ def format_value(v: float) -> str:
 def build_source(settings: Settings, registry: TargetRegistry, samples: SampleStore) -> ScrapeSource | PrometheusSource:
     """The source ``settings`` ask for: Prometheus's API when ``prometheus_url`` is set, else direct scraping."""
     if settings.prometheus_url is None:
-        return ScrapeSource(registry, samples, timeout_s=settings.source_timeout)
+        return ScrapeSource(
+            registry, samples, timeout_s=settings.source_timeout,
+            max_in_flight=settings.scrape_concurrency, limits=settings.target_limits(),
+        )
     token = settings.prometheus_bearer_token
     auth = None
     if settings.prometheus_username is not None and settings.prometheus_password is not None:
@@ -186,7 +190,10 @@ class Service:
         )
         try:
             self.samples = samples if samples is not None else SampleStore()
-            self.registry = TargetRegistry(settings.stale_after, on_change=self._on_target_change)
+            self.registry = TargetRegistry(
+                settings.stale_after, on_change=self._on_target_change,
+                expire_after_s=settings.registration_expiry, max_targets=settings.max_registrations,
+            )
             self._restore_runs()
             self.source = source if source is not None else build_source(settings, self.registry, self.samples)
             self.engine = RuleEngine(self.config.rules)
@@ -321,6 +328,7 @@ class Service:
             if isinstance(self.source, PrometheusSource):
                 return self.source.fetch(now).samples, {}, None
             result = self.source.scrape_all(now)
+            self._forget_expired(result.expired, now)
             return result.samples, result.errors, None
         except Exception as exc:  # e.g. Prometheus unreachable: evaluate on what is held
             self.metrics.source_failures.inc()
@@ -330,9 +338,12 @@ class Service:
 
     def _record_progress(self, now: float) -> None:
         """Persist when each registered run was last seen and its step (one transaction)."""
+        steps: dict[tuple[str, str], Series] = {}  # one pass over the step series, not one per target
+        for series in self.samples.select(mn.STEP):
+            steps.setdefault((series.label("run"), series.label("rank")), series)
         seen = []
         for target in self.registry.targets():
-            step = next(iter(self.samples.select(mn.STEP, {"run": target.run, "rank": str(target.rank)})), None)
+            step = steps.get((target.run, str(target.rank)))
             point = step.points[-1] if step is not None and step.points else None
             if point is not None and point[0] == now:  # sampled in this very round
                 seen.append((target, int(point[1]) if math.isfinite(point[1]) else None))
@@ -380,7 +391,10 @@ class Service:
         A live registration (answering within ``stale_after``) of another agent instance is
         replaced only by an ``authenticated`` caller (signed with the secret, or in-process):
         anyone else gets :class:`RegistrationRefused`, so an anonymous client cannot redirect a run.
+        Raises :class:`~gradwatch.watchdog.sources.targets.RegistryFull` (nothing stored) for a
+        new (run, rank) while ``max_registrations`` are held.
         """
+        self.registry.ensure_room((registration.run, registration.rank))
         now = self.clock()
         with self.store.transaction():
             previous = next(iter(self.store.runs(run=registration.run, rank=registration.rank)), None)
@@ -487,19 +501,46 @@ class Service:
             except ValueError as exc:  # a row this version cannot use must not stop the others
                 log.warning("not watching stored run %s rank %d: %s", r.run, r.rank, exc)
                 continue
-            # Registered "at" its last sighting, so staleness counts from then.
-            self.registry.register(registration, r.last_seen)
+            # Registered "at" its last sighting, so staleness and expiry count from then.
+            try:
+                self.registry.register(registration, r.last_seen, stale=r.stale)
+            except RegistryFull:
+                log.warning("not watching stored run %s rank %d: max_registrations reached", r.run, r.rank)
 
-    def _on_target_change(self, target: Target) -> None:
-        if target.last_attempt is None:
-            return  # a (re-)registration or a restored run: register() and the store already have it
-        kind = "run.stale" if target.stale else "run.recovered"
-        details = {"rank": target.rank, "error": target.last_error} if target.stale else {"rank": target.rank}
+    def _forget_expired(self, expired: list[Target], now: float) -> None:
+        """Remove registrations silent for ``registration_expiry`` from the store, in one transaction."""
+        if not expired:
+            return
+        try:
+            with self.store.transaction():
+                for target in expired:
+                    self.store.remove_run(target.run, target.rank)
+                self.store.append_audit_many(
+                    dict(kind="run.expired", time=now, run=t.run, details={"rank": t.rank, "silent_since": t.silent_since()})
+                    for t in expired
+                )
+        except Exception:
+            log.exception("cannot record %d expired registration(s) in the store", len(expired))
+        log.info("%d registration(s) expired after %g s without an answer", len(expired), self.settings.registration_expiry)
+
+    def _on_target_change(self, targets: list[Target]) -> None:
+        """Persist staleness flips (a round's, in one transaction); registrations are already stored."""
+        flips = [t for t in targets if t.last_attempt is not None]
+        if not flips:
+            return
         with self.store.transaction():
-            self.store.set_stale(target.run, target.rank, target.stale)
-            self.store.append_audit(kind, time=target.last_attempt, run=target.run, details=details)
-        log.log(logging.WARNING if target.stale else logging.INFO, "run %s rank %d is %s", target.run, target.rank,
-                "stale: " + str(target.last_error) if target.stale else "answering again")
+            for target in flips:
+                kind = "run.stale" if target.stale else "run.recovered"
+                details = {"rank": target.rank, "error": target.last_error} if target.stale else {"rank": target.rank}
+                self.store.set_stale(target.run, target.rank, target.stale)
+                self.store.append_audit(kind, time=target.last_attempt, run=target.run, details=details)
+        for target in flips[:LOGGED_FLIPS]:
+            log.log(logging.WARNING if target.stale else logging.INFO, "run %s rank %d is %s", target.run, target.rank,
+                    "stale: " + str(target.last_error) if target.stale else "answering again")
+        rest = flips[LOGGED_FLIPS:]
+        if rest:
+            stale = sum(t.stale for t in rest)
+            log.warning("... and %d more runs: %d stale, %d answering again", len(rest), stale, len(rest) - stale)
 
     # -- alerts and audit ----------------------------------------------------------------
 

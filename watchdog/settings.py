@@ -22,6 +22,7 @@ from gradwatch.watchdog.commands import CommandLimits
 from gradwatch.watchdog.schema import read_secret
 from gradwatch.watchdog.durations import PositiveSeconds, Span, SpanField
 from gradwatch.watchdog.rules.policy import RemediationMode
+from gradwatch.watchdog.sources.scrape import TargetLimits
 
 DEFAULT_PORT = 9400
 
@@ -56,11 +57,44 @@ class Settings(BaseSettings):
     )
     scrape_timeout: PositiveSeconds | None = Field(
         None,
-        description="Seconds one round's source may take: each agent's scrape, or the Prometheus query. "
-        "None: the scrape interval.",
+        description="Seconds one round's source may take: the deadline of each agent's whole scrape (connect, "
+        "headers and body, counted from the round's start), or of the Prometheus query. None: the scrape interval.",
     )
     stale_after: PositiveSeconds = Field(
-        60.0, description="A registered run that has not answered a scrape for this long is marked stale (never deleted)."
+        60.0, description="A registered run that has not answered a scrape for this long is marked stale."
+    )
+    registration_expiry: PositiveSeconds = Field(
+        3600.0,
+        description="A registration whose agent has not answered a scrape for this long (nor registered again) is "
+        "removed, audited as run.expired; its audit history stays. At least stale_after. Direct scraping only.",
+    )
+    max_registrations: int = Field(
+        10_000,
+        ge=1,
+        description="Most registrations (run, rank) held at once; one more is refused (HTTP 429) until a stale one "
+        "expires or a finished run deregisters. Every rank of a job registers.",
+    )
+    scrape_concurrency: int = Field(
+        64, ge=1, le=1024, description="Agents scraped at once (worker threads); agents that answered last time go first."
+    )
+    target_sample_limit: int = Field(
+        50_000,
+        ge=1,
+        description="Most gradwatch samples one scrape of one agent may hold (Prometheus's sample_limit); over it the "
+        "scrape fails with the reason and its samples are dropped. A 400-tensor model exports about 3,500.",
+    )
+    target_series_limit: int = Field(
+        100_000,
+        ge=1,
+        description="Most series one agent may hold in memory: those it exports plus those it stopped exporting that "
+        "are still kept (up to an hour). Labels that change every scrape hit it; that agent's scrapes then fail. "
+        "At least target_sample_limit.",
+    )
+    max_series: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most series the watchdog holds over all agents (about 1 KB each); a scrape that would add "
+        "past it fails.",
     )
     prometheus_url: HttpUrl | None = Field(
         None,
@@ -142,6 +176,12 @@ class Settings(BaseSettings):
             raise ValueError("give prometheus_bearer_token or prometheus_username/password, not both")
         if (self.prometheus_username is None) != (self.prometheus_password is None):
             raise ValueError("prometheus_username and prometheus_password go together")
+        if self.registration_expiry < self.stale_after:
+            raise ValueError(f"registration_expiry ({self.registration_expiry} s) must be >= stale_after ({self.stale_after} s)")
+        if self.target_series_limit < self.target_sample_limit:
+            raise ValueError(
+                f"target_series_limit ({self.target_series_limit}) must be >= target_sample_limit ({self.target_sample_limit})"
+            )
         return self
 
     def command_secret(self) -> bytes | None:
@@ -153,6 +193,11 @@ class Settings(BaseSettings):
     def command_limits(self) -> CommandLimits:
         return CommandLimits(
             self.max_commands_per_run, self.command_window, self.command_cooldown, self.command_ttl, self.poll_interval
+        )
+
+    def target_limits(self) -> TargetLimits:
+        return TargetLimits(
+            sample_limit=self.target_sample_limit, series_limit=self.target_series_limit, max_series=self.max_series
         )
 
     @property

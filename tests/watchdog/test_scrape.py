@@ -5,15 +5,22 @@ from __future__ import annotations
 import math
 import socket
 
-import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
-
 from gradwatch.watchdog.samples import SampleStore
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.sources.scrape import USER_AGENT, ScrapeSource
 from gradwatch.watchdog.sources.targets import TargetRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    start_http_server,
+)
+
+from tests.hostile import serving
 from tests.integration.servers import free_port
+from tests.integration.watchdog_process import wait_until
 
 GOOD = ("good", 0)
 DEAD = ("dead", 0)
@@ -101,16 +108,25 @@ def test_failing_targets_go_stale_and_are_retried_only_every_stale_retry(setup):
     source.scrape_all(now=1005.0)
     assert not registry.get(DEAD).stale  # silent 5 s of the 10 allowed
     source.scrape_all(now=1010.0)
-    assert registry.get(DEAD).stale and registry.get(SILENT).stale
+    assert registry.get(DEAD).stale
     assert not registry.get(GOOD).stale
+    # SILENT ran into the deadline at 1005, so the 1010 round did not wait for it: its
+    # outcome is recorded by the next round, dated by its own.
+    assert not registry.get(SILENT).stale
+    wait_until("SILENT's scrape to end", lambda: source.in_flight() == 0)
 
     source.scrape_all(now=1015.0)  # stale ones are not due: only the good one is scraped
+    assert registry.get(SILENT).stale and registry.get(SILENT).last_attempt == 1010.0
     assert source.scrapes_total == {GOOD: 3, DEAD: 2, SILENT: 2}
-    source.scrape_all(now=1040.0)  # 30 s after their last attempt: retried
-    assert source.scrapes_total == {GOOD: 4, DEAD: 3, SILENT: 3}
+    source.scrape_all(now=1040.0)  # 30 s after their last attempt: retried (stale: not waited for)
+    wait_until("the stale targets' retries to end", lambda: source.in_flight() == 0)
+    source.scrape_all(now=1041.0)
+    assert source.scrapes_total == {GOOD: 5, DEAD: 3, SILENT: 3}
     assert source.scrape_failures_total == {DEAD: 3, SILENT: 3}
+    assert registry.get(DEAD).last_attempt == 1040.0
+    assert registry.get(SILENT).last_attempt == 1040.0
     times = [t for t, _ in _value(store, "gradwatch_grad_norm", run="good", layer="fc1.weight")]
-    assert times == [1005.0, 1010.0, 1015.0, 1040.0]
+    assert times == [1005.0, 1010.0, 1015.0, 1040.0, 1041.0]
 
 
 def test_restarted_agent_reregisters_and_its_history_continues(setup):
@@ -137,38 +153,27 @@ def test_restarted_agent_reregisters_and_its_history_continues(setup):
 
 
 def test_sends_user_agent_and_asks_for_the_text_format():
-    seen: list[httpx.Request] = []
     registry_ = CollectorRegistry()
     Gauge("gradwatch_step", "", ["run", "rank"], registry=registry_).labels("r", "0").set(3)
-    body = generate_latest(registry_)
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, content=body)
-
     targets = TargetRegistry()
-    targets.register(Registration(run="r", rank=0, metrics_url="http://agent.invalid:9100/metrics"), 0.0)
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0, client=client)
+    with serving(generate_latest(registry_)) as agent:
+        targets.register(Registration(run="r", rank=0, metrics_url=agent.url), 0.0)
+        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0)
         assert source.scrape_all(now=1.0).ok == 1
         source.close()
+        request = agent.last_request.decode()
 
-    assert seen[0].headers["User-Agent"] == USER_AGENT
+    assert f"\r\nUser-Agent: {USER_AGENT}\r\n" in request
     assert USER_AGENT.startswith("gradwatch-watchdog/")
-    assert seen[0].headers["Accept"].startswith("text/plain")
+    assert "\r\nAccept: text/plain" in request
 
 
 def test_http_error_and_garbage_count_as_failures():
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "broken.invalid":
-            return httpx.Response(503, content=b"overloaded")
-        return httpx.Response(200, content=b"gradwatch_step{run= 1 2 3\n")
-
     targets = TargetRegistry()
-    targets.register(Registration(run="a", rank=0, metrics_url="http://broken.invalid/metrics"), 0.0)
-    targets.register(Registration(run="b", rank=0, metrics_url="http://garbage.invalid/metrics"), 0.0)
-    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
-        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0, client=client)
+    with serving(b"overloaded", status="503 Service Unavailable") as broken, serving(b"gradwatch_step{run= 1 2 3\n") as garbage:
+        targets.register(Registration(run="a", rank=0, metrics_url=broken.url), 0.0)
+        targets.register(Registration(run="b", rank=0, metrics_url=garbage.url), 0.0)
+        source = ScrapeSource(targets, SampleStore(), timeout_s=1.0)
         result = source.scrape_all(now=1.0)
         source.close()
 

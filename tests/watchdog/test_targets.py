@@ -19,7 +19,7 @@ def changes() -> list[Target]:
 
 @pytest.fixture
 def registry(changes) -> TargetRegistry:
-    return TargetRegistry(stale_after_s=30.0, on_change=changes.append)
+    return TargetRegistry(stale_after_s=30.0, on_change=changes.extend)
 
 
 def test_register_adds_target_keyed_by_run_and_rank(registry, changes):
@@ -109,7 +109,7 @@ def test_mark_scraped_for_unknown_target_is_ignored(registry):
 
 
 def test_failing_on_change_does_not_break_registration():
-    def broken_store(target: Target) -> None:
+    def broken_store(targets: list[Target]) -> None:
         raise RuntimeError("database is locked")
 
     registry = TargetRegistry(on_change=broken_store)

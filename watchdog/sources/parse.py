@@ -9,7 +9,11 @@ decides which samples to keep and how to label them:
 - no ``_created`` samples (prometheus-client's counter creation times, not data);
 - values as floats, NaN and ±Inf included;
 - ``job``/``instance`` dropped: Prometheus attaches them, the rules never use them,
-  and both sources must hand the store identical label sets.
+  and both sources must hand the store identical label sets;
+- the target's own labels (the direct-scrape source passes the registration's
+  ``run`` and ``rank``) replace whatever the exposition says, like Prometheus's
+  ``honor_labels: false``: a target registered as one run cannot write series of
+  another (the value it claimed is not kept).
 
 That parser is pure Python and costs about 25 µs a line: 100 runs x 3,200
 series would take 8 s a round. :class:`ExpositionParser` remembers the parser's
@@ -23,7 +27,8 @@ the parser would, sends the whole text through the parser again.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -82,25 +87,45 @@ def should_keep(name: str) -> bool:
     return name.startswith(PREFIX) and not name.endswith(CREATED_SUFFIX)
 
 
-def build_sample_labels(labels: dict[str, str]) -> Labels:
-    """Sorted label pairs without the labels Prometheus attaches (``job``, ``instance``)."""
-    if TARGET_LABELS.isdisjoint(labels):
-        return build_labels(labels)
-    return build_labels({k: v for k, v in labels.items() if k not in TARGET_LABELS})
+def build_sample_labels(labels: dict[str, str], target: Mapping[str, str] | None = None) -> Labels:
+    """Sorted label pairs without the labels Prometheus attaches (``job``, ``instance``), ``target``'s winning."""
+    if not TARGET_LABELS.isdisjoint(labels):
+        labels = {k: v for k, v in labels.items() if k not in TARGET_LABELS}
+    if target:
+        labels = {**labels, **target}
+    return build_labels(labels)
 
 
-def parse_exposition(text: str) -> ParsedSamples:
-    """Every kept sample of ``text``, in exposition order. Raises ValueError on a malformed exposition."""
-    parsed = _parse_all(text)
+# A line the parser would read as a kept sample: optional blanks, then a gradwatch_
+# name; _created lines are counted apart (they are not kept).
+_CANDIDATE = re.compile(rf"^[ \t]*{PREFIX}", re.MULTILINE)
+_CREATED = re.compile(rf"^[ \t]*{PREFIX}[^{{\s]*{CREATED_SUFFIX}[{{\s]", re.MULTILINE)
+
+
+def count_samples(text: str) -> int:
+    """How many kept samples ``text`` holds, counted without parsing it (C-speed regular expressions).
+
+    Exact for a well-formed exposition; lets a caller refuse an oversized one before
+    spending the parser's ~25 µs a line on it.
+    """
+    return len(_CANDIDATE.findall(text)) - len(_CREATED.findall(text))
+
+
+def parse_exposition(text: str, target: Mapping[str, str] | None = None) -> ParsedSamples:
+    """Every kept sample of ``text``, in exposition order. Raises ValueError on a malformed exposition.
+
+    ``target``: labels that replace the exposition's (see the module docstring).
+    """
+    parsed = _parse_all(text, target)
     return _kept(parsed)
 
 
-def _parse_all(text: str) -> list[tuple[SeriesKey | None, float]]:
+def _parse_all(text: str, target: Mapping[str, str] | None) -> list[tuple[SeriesKey | None, float]]:
     """One entry per sample line, in order; the key is None for a sample that is not kept."""
     out: list[tuple[SeriesKey | None, float]] = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = (sample.name, build_sample_labels(sample.labels)) if should_keep(sample.name) else None
+            key = (sample.name, build_sample_labels(sample.labels, target)) if should_keep(sample.name) else None
             out.append((key, float(sample.value)))
     return out
 
@@ -127,10 +152,12 @@ class ExpositionParser:
     """Parses one target's expositions, reusing the parser's work while the shape holds.
 
     Keep one per target and call :meth:`parse` with each scrape's body. Not
-    thread-safe: one scrape of a target at a time.
+    thread-safe: one scrape of a target at a time. ``target``: labels that replace
+    the exposition's (the registration's ``run`` and ``rank``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, target: Mapping[str, str] | None = None) -> None:
+        self.target = dict(target or {})
         # The shape of the last fully parsed exposition: every non-blank line,
         # comments verbatim and sample lines cut before their value; None when
         # the last text could not take the shortcut.
@@ -181,7 +208,7 @@ class ExpositionParser:
     def _parse_full(self, text: str) -> ParsedSamples:
         self.full_parses += 1
         self._shape = None  # a parse error leaves no shape behind
-        parsed = _parse_all(text)
+        parsed = _parse_all(text, self.target)
         result = _kept(parsed)
         # Pair the parser's samples with the text's sample lines, split exactly as
         # the parser splits them (on "\n", stripped). If the pairing or any check
