@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 import weakref
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from gradwatch.agent.monitor import StepMonitor
 from gradwatch.agent.remedy import Bounds, Remediation
 from gradwatch.agent.server import MetricsServer
 from gradwatch.agent.telemetry import Telemetry
+from gradwatch.agent.throttle import Throttled
 from gradwatch.watchdog.schema import Registration, read_secret
 
 log = logging.getLogger("gradwatch.agent")
@@ -75,10 +77,10 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = GradwatchCollector(self.telemetry, config.run, self.ranks.rank)
         self.registry.register(self.collector)
-        port = config.port
+        port = config.port or 0
         if port and self.ranks.distributed:
             port += self.ranks.local_rank
-        self._server = MetricsServer(self.registry, self.collector, config.host, port)
+        self._server = MetricsServer(self.collector, config.host, min(port, 65535))
         self.control = self._connect(config)
         self.commands = CommandRouter(self.control, self.remedy, self.telemetry, config.run, self.ranks.rank)
         self.commands.publish()
@@ -86,6 +88,7 @@ class Agent:
             params, self.layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands
         )
         self._optimizer = optimizer
+        self._warn = Throttled(log)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -104,6 +107,7 @@ class Agent:
             metrics_url=self.url,
             pid=os.getpid(),
             hostname=socket.gethostname(),
+            instance=uuid.uuid4().hex,  # names this agent process to the watchdog (contract 1)
         )
         return ControlClient(
             url, read_secret(config.secret_file), registration,
@@ -129,9 +133,20 @@ class Agent:
         return self.monitor.step
 
     def observe(self, loss=None) -> None:
-        """Report this step's loss (a tensor stays on its device; no sync here)."""
-        if loss is not None:
+        """Report this step's loss (a tensor stays on its device; no sync here).
+
+        Never raises into the training loop: a tensor with several elements is reduced by
+        its mean, a number too large for a float is recorded as inf, and a value that is
+        not a real number (a string, None) is dropped; each logged once (throttled).
+        """
+        try:
+            if loss is None:
+                raise TypeError("loss is None")
             self.monitor.observe_loss(loss)
+        except Exception as exc:
+            self._warn.warning(
+                "observe", "gradwatch: observe(loss=<%s>) ignored: %s (training continues)", type(loss).__name__, exc
+            )
 
     def _pre_hook(self, optimizer, args, kwargs) -> None:
         try:
@@ -173,12 +188,19 @@ class Agent:
         self.commands.publish()
 
     def close(self) -> None:
-        """Remove every hook and stop the endpoint. Safe to call twice."""
+        """Remove every hook and stop the endpoint. Safe to call twice.
+
+        Returns within about a second whatever the watchdog does: the last acknowledgements
+        and the goodbye to the watchdog are sent in the background, with a bounded deadline.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
         _watched.discard(self._optimizer)
-        self.monitor.flush()
+        try:
+            self.monitor.flush()
+        except Exception as exc:
+            log.warning("gradwatch: the last observed loss could not be read at close: %s", exc)
         if self.control is not None:
             self.control.close()
             self.control = None

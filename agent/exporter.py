@@ -1,15 +1,24 @@
-"""One prometheus-client Collector that renders the agent's telemetry at scrape time."""
+"""One prometheus-client Collector that renders the agent's telemetry, and the cached exposition the server sends.
+
+A scrape must cost the training thread nothing, however often it comes. The
+server's thread renders (never the training thread), and each part of the text
+is rendered at most once per change of what it shows: the per-layer bulk once
+per bulk version (sampled steps, counter changes), the few per-step scalars once
+per version; only the per-scraper peaks are rendered for each scrape (a few lines).
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from gradwatch.agent.telemetry import Telemetry, View
+from gradwatch.agent.telemetry import Telemetry, View, scraper_slot
+from gradwatch.agent.throttle import Throttled
 from gradwatch.watchdog import metric_names as m
 
 log = logging.getLogger("gradwatch.agent")
@@ -21,26 +30,79 @@ _PER_LAYER = (
     (m.GRAD_ABS_MIN, "grad_abs_min", "Min |g| of the layer's gradient (sampled every detail_every steps)."),
     (m.PARAM_NORM, "param_norm", "Parameter L2 norm of the layer."),
 )
+_EOF = b"# EOF\n"  # OpenMetrics' terminator: only once, at the very end
+_CACHE_ENTRIES = 8  # (part, content type) pairs kept; Accept headers are the scraper's to choose
+
+
+class _Families:
+    """What prometheus-client's encoders take: anything with collect()."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 class GradwatchCollector(Collector):
-    """Reads the latest :class:`Telemetry` view; the scraper identity comes from the HTTP handler."""
+    """Reads the latest :class:`Telemetry` view, for a registry (``collect``) or a scrape (``exposition``)."""
 
     def __init__(self, telemetry: Telemetry, run: str, rank: int) -> None:
         self.telemetry = telemetry
         self.base = {"run": run, "rank": str(rank)}
-        self._scraper = threading.local()
-
-    def set_scraper(self, key: object) -> None:
-        """Called by the HTTP handler's thread before rendering, so peaks are per scraper."""
-        self._scraper.key = key
+        self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._warn = Throttled(log)
 
     def collect(self) -> Iterator[Metric]:
         try:
-            view = self.telemetry.read(getattr(self._scraper, "key", None))
-            yield from self._families(view)
-        except Exception:  # a scrape must never take the trainer down, nor go silent
-            log.exception("gradwatch: rendering metrics failed")
+            view = self.telemetry.read()
+            families = [*self._live(view), *self._peaks(view), *self._bulk(view)]
+        except Exception as exc:  # a scrape must never take the trainer down, nor go silent
+            self._warn.warning("render", "gradwatch: rendering metrics failed: %r", exc)
+            return
+        yield from families
+
+    def exposition(self, address: str, user_agent: str, accept: str) -> tuple[bytes, str]:
+        """The body and content type for one scrape (the server's thread calls it, one scrape at a time).
+
+        ``address`` and ``user_agent`` name the scraper for its peaks; ``accept`` picks the format.
+        """
+        encoder, content_type = choose_encoder(accept)
+        key, consumer = scraper_slot(address, user_agent)
+        try:
+            view = self.telemetry.read(key, consumer)
+            parts = [
+                self._cached("live", view.version, content_type, lambda: encoder(_Families(self._live(view)))),
+                encoder(_Families(self._peaks(view))),
+                self._cached("bulk", view.bulk_version, content_type, lambda: self._render_bulk(encoder, view)),
+            ]
+        except Exception as exc:
+            self._warn.warning("render", "gradwatch: rendering metrics failed: %r", exc)
+            return encoder(_Families([])), content_type
+        if parts[-1].endswith(_EOF):
+            parts = [p.removesuffix(_EOF) for p in parts[:-1]] + parts[-1:]
+        return b"".join(parts), content_type
+
+    def _cached(self, part: str, version: int, content_type: str, render: Callable[[], bytes]) -> bytes:
+        entry = self._cache.get((part, content_type))
+        if entry is not None and entry[0] == version:
+            return entry[1]
+        body = render()
+        if len(self._cache) >= _CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[(part, content_type)] = (version, body)
+        return body
+
+    def _render_bulk(self, encoder: Callable, view: View) -> bytes:
+        """One family at a time, letting the training thread have the GIL between them
+        (a 400-layer family is ~1 ms of Python)."""
+        chunks = []
+        for family in self._bulk(view):
+            chunks.append(encoder(_Families([family])))
+            time.sleep(0)  # releases the GIL
+        if not chunks:
+            return encoder(_Families([]))
+        return b"".join(c.removesuffix(_EOF) for c in chunks[:-1]) + chunks[-1]
 
     def _gauge(self, name: str, doc: str, value: float | None, **labels: str) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=[*self.base, *labels])
@@ -48,28 +110,40 @@ class GradwatchCollector(Collector):
             family.add_metric([*self.base.values(), *labels.values()], value)
         return family
 
-    def _families(self, v: View) -> Iterator[Metric]:
-        yield self._gauge(m.STEP, "Optimizer steps attempted (skipped steps included).", v.step)
+    def _live(self, v: View) -> list[Metric]:
+        """The per-step scalars (telemetry.LIVE): a few lines, rendered once per version."""
+        out = [self._gauge(m.STEP, "Optimizer steps attempted (skipped steps included).", v.step)]
         if v.loss is not None:
-            yield self._gauge(m.LOSS, "Latest loss reported with Agent.observe().", v.loss)
-        if "loss" in v.peaks:
-            yield self._gauge(m.LOSS_MAX, "Max loss since this scraper's previous scrape.", v.peaks["loss"])
+            out.append(self._gauge(m.LOSS, "Latest loss reported with Agent.observe().", v.loss))
         if v.grad_global_norm is not None:
-            yield self._gauge(m.GRAD_GLOBAL_NORM, "Global gradient L2 norm (latest measured step).", v.grad_global_norm)
-        if "grad_global_norm" in v.peaks:
-            yield self._gauge(
-                m.GRAD_GLOBAL_NORM_MAX,
-                "Max global gradient L2 norm since this scraper's previous scrape.",
-                v.peaks["grad_global_norm"],
-            )
+            out.append(self._gauge(m.GRAD_GLOBAL_NORM, "Global gradient L2 norm (latest measured step).", v.grad_global_norm))
         lr = GaugeMetricFamily(m.LEARNING_RATE, "Effective learning rate per param group.", labels=[*self.base, "group"])
         for i, value in enumerate(v.learning_rates):
             lr.add_metric([*self.base.values(), str(i)], value)
-        yield lr
-        yield self._gauge(m.LR_SCALE, "Remediation multiplier on the scheduled learning rate.", v.lr_scale)
-        yield self._gauge(m.CLIPPING_ACTIVE, "1 while gradwatch clips gradients.", float(v.clipping_active))
+        out.append(lr)
+        out.append(self._gauge(m.LR_SCALE, "Remediation multiplier on the scheduled learning rate.", v.lr_scale))
+        out.append(self._gauge(m.CLIPPING_ACTIVE, "1 while gradwatch clips gradients.", float(v.clipping_active)))
         if v.clip_threshold is not None:
-            yield self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold)
+            out.append(self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold))
+        return out
+
+    def _peaks(self, v: View) -> list[Metric]:
+        """Maxima since this scraper's previous scrape: rendered for every scrape."""
+        out = []
+        if "loss" in v.peaks:
+            out.append(self._gauge(m.LOSS_MAX, "Max loss since this scraper's previous scrape.", v.peaks["loss"]))
+        if "grad_global_norm" in v.peaks:
+            out.append(
+                self._gauge(
+                    m.GRAD_GLOBAL_NORM_MAX,
+                    "Max global gradient L2 norm since this scraper's previous scrape.",
+                    v.peaks["grad_global_norm"],
+                )
+            )
+        return out
+
+    def _bulk(self, v: View) -> Iterator[Metric]:
+        """Per-layer families and counters: rendered once per bulk version."""
         yield from self._layer_families(v)
         yield from self._counters(v)
 

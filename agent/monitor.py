@@ -21,6 +21,7 @@ from gradwatch.agent import clipping, distributed, probe
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
+from gradwatch.agent.loss import loss_tensor
 from gradwatch.agent.remedy import Remediation
 from gradwatch.agent.spikes import SpikeGuard
 from gradwatch.agent.telemetry import Telemetry
@@ -78,13 +79,11 @@ class StepMonitor:
     # -- called by the training thread -------------------------------------------------
 
     def observe_loss(self, loss: Tensor | float) -> None:
-        """Keep the loss on its device; it reaches the host with the next step's transfer."""
-        if isinstance(loss, Tensor):  # each op skipped here is one fewer on every step
-            value = loss.detach()
-            value = value if value.dtype == torch.float32 else value.float()
-            value = value if value.dim() == 0 else value.reshape(())
-        else:
-            value = torch.tensor(float(loss))
+        """Keep the loss on its device; it reaches the host with the next step's transfer.
+        Raises TypeError/ValueError for a loss that is not a real number (Agent.observe logs it)."""
+        value, note = loss_tensor(loss)
+        if note is not None:
+            self._warn.warning("loss_shape", "gradwatch: %s", note)
         self._loss = value
         self._loss_max = value if self._loss_max is None else torch.fmax(self._loss_max, value)
 
