@@ -1,17 +1,20 @@
 """One prometheus-client Collector that renders the agent's telemetry, and the cached exposition the server sends.
 
-A scrape must cost the training thread nothing, however often it comes. The
+A scrape must cost the training thread nothing, however often it comes. Only the
 server's thread renders (never the training thread), and each part of the text
-is rendered at most once per change of what it shows: the per-layer bulk once
-per bulk version (sampled steps, counter changes), the few per-step scalars once
-per version; only the per-scraper peaks are rendered for each scrape (a few lines).
+is rendered at most once per change of what it shows:
+- the per-layer families (thousands of lines on a large model), once per change of
+  the layer tables (sampled steps). That rendering runs in small pieces between the
+  server's other work, each holding the GIL briefly; until it is done, scrapes get
+  the previous complete copy;
+- the scalars and counters (a few dozen lines), once per telemetry version;
+- the per-scraper peaks, a few lines for each scrape.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -30,8 +33,11 @@ _PER_LAYER = (
     (m.GRAD_ABS_MIN, "grad_abs_min", "Min |g| of the layer's gradient (sampled every detail_every steps)."),
     (m.PARAM_NORM, "param_norm", "Parameter L2 norm of the layer."),
 )
-_EOF = b"# EOF\n"  # OpenMetrics' terminator: only once, at the very end
-_CACHE_ENTRIES = 8  # (part, content type) pairs kept; Accept headers are the scraper's to choose
+_EOF = b"# EOF\n"  # OpenMetrics' terminator: once, at the very end
+_PIECE = 16
+"""Samples per piece of the per-layer rendering (about 0.2 ms of the GIL each)."""
+_FORMATS = 4
+"""Content types cached at once (the Accept header is the scraper's to choose)."""
 
 
 class _Families:
@@ -44,26 +50,39 @@ class _Families:
         return self._families
 
 
+class _Rendering:
+    """The per-layer text of one layer-table version in one format, built piece by piece."""
+
+    def __init__(self, version: int, pieces: Iterator[bytes]) -> None:
+        self.version = version
+        self.pieces = pieces
+        self.done: list[bytes] = []
+
+
 class GradwatchCollector(Collector):
     """Reads the latest :class:`Telemetry` view, for a registry (``collect``) or a scrape (``exposition``)."""
 
     def __init__(self, telemetry: Telemetry, run: str, rank: int) -> None:
         self.telemetry = telemetry
         self.base = {"run": run, "rank": str(rank)}
-        self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._live_text: dict[str, tuple[int, bytes]] = {}  # content type -> (version, text)
+        self._layer_text: dict[str, tuple[int, bytes]] = {}  # content type -> (layers_version, text)
+        self._rendering: dict[str, _Rendering] = {}  # content type -> the per-layer text being built
         self._warn = Throttled(log)
 
     def collect(self) -> Iterator[Metric]:
         try:
             view = self.telemetry.read()
-            families = [*self._live(view), *self._peaks(view), *self._bulk(view)]
+            families = [*self._live(view), *self._peaks(view), *self._layer_families(view)]
         except Exception as exc:  # a scrape must never take the trainer down, nor go silent
             self._warn.warning("render", "gradwatch: rendering metrics failed: %r", exc)
             return
         yield from families
 
+    # -- the server's thread ---------------------------------------------------------------
+
     def exposition(self, address: str, user_agent: str, accept: str) -> tuple[bytes, str]:
-        """The body and content type for one scrape (the server's thread calls it, one scrape at a time).
+        """The body and content type for one scrape (the server's thread, one scrape at a time).
 
         ``address`` and ``user_agent`` name the scraper for its peaks; ``accept`` picks the format.
         """
@@ -71,38 +90,68 @@ class GradwatchCollector(Collector):
         key, consumer = scraper_slot(address, user_agent)
         try:
             view = self.telemetry.read(key, consumer)
-            parts = [
-                self._cached("live", view.version, content_type, lambda: encoder(_Families(self._live(view)))),
-                encoder(_Families(self._peaks(view))),
-                self._cached("bulk", view.bulk_version, content_type, lambda: self._render_bulk(encoder, view)),
-            ]
+            live = self._live_text.get(content_type)
+            if live is None or live[0] != view.version:
+                if len(self._live_text) >= _FORMATS:
+                    self._live_text.clear()
+                live = self._live_text[content_type] = (view.version, encoder(_Families(self._live(view))))
+            parts = [live[1], encoder(_Families(self._peaks(view))), self._layers(view, encoder, content_type)]
         except Exception as exc:
             self._warn.warning("render", "gradwatch: rendering metrics failed: %r", exc)
             return encoder(_Families([])), content_type
-        if parts[-1].endswith(_EOF):
-            parts = [p.removesuffix(_EOF) for p in parts[:-1]] + parts[-1:]
-        return b"".join(parts), content_type
+        body = b"".join(part.removesuffix(_EOF) for part in parts)
+        return (body + _EOF if content_type.startswith("application/openmetrics-text") else body), content_type
 
-    def _cached(self, part: str, version: int, content_type: str, render: Callable[[], bytes]) -> bytes:
-        entry = self._cache.get((part, content_type))
-        if entry is not None and entry[0] == version:
-            return entry[1]
-        body = render()
-        if len(self._cache) >= _CACHE_ENTRIES:
-            self._cache.clear()
-        self._cache[(part, content_type)] = (version, body)
-        return body
+    def render_step(self) -> bool:
+        """Build one piece of a pending per-layer rendering; True while any remains.
+        The server's thread calls it between requests, resting after each piece."""
+        if not self._rendering:
+            return False
+        self._advance(next(iter(self._rendering)))
+        return bool(self._rendering)
 
-    def _render_bulk(self, encoder: Callable, view: View) -> bytes:
-        """One family at a time, letting the training thread have the GIL between them
-        (a 400-layer family is ~1 ms of Python)."""
-        chunks = []
-        for family in self._bulk(view):
-            chunks.append(encoder(_Families([family])))
-            time.sleep(0)  # releases the GIL
-        if not chunks:
-            return encoder(_Families([]))
-        return b"".join(c.removesuffix(_EOF) for c in chunks[:-1]) + chunks[-1]
+    def _layers(self, view: View, encoder, content_type: str) -> bytes:
+        """The per-layer text: the latest complete copy; a newer one is started if the tables changed."""
+        cached = self._layer_text.get(content_type)
+        if (cached is None or cached[0] != view.layers_version) and content_type not in self._rendering:
+            if len(self._rendering) >= _FORMATS:
+                self._rendering.clear()
+            self._rendering[content_type] = _Rendering(view.layers_version, self._layer_pieces(view, encoder))
+        if cached is None:  # nothing to serve yet (the first scrape in this format): finish it now
+            while content_type in self._rendering:
+                self._advance(content_type)
+            cached = self._layer_text[content_type]
+        return cached[1]
+
+    def _advance(self, content_type: str) -> None:
+        rendering = self._rendering[content_type]
+        try:
+            piece = next(rendering.pieces, None)
+        except Exception as exc:
+            del self._rendering[content_type]
+            self._warn.warning("render", "gradwatch: rendering metrics failed: %r", exc)
+            return
+        if piece is not None:
+            rendering.done.append(piece)
+            return
+        del self._rendering[content_type]
+        if len(self._layer_text) >= _FORMATS and content_type not in self._layer_text:
+            self._layer_text.clear()
+        self._layer_text[content_type] = (rendering.version, b"".join(rendering.done))
+
+    def _layer_pieces(self, view: View, encoder) -> Iterator[bytes]:
+        """The per-layer families, ``_PIECE`` samples at a time; a family's HELP and TYPE once."""
+        for family in self._layer_families(view):
+            samples = family.samples
+            for start in range(0, max(len(samples), 1), _PIECE):
+                part = Metric(family.name, family.documentation, family.type)
+                part.samples = samples[start : start + _PIECE]
+                text = encoder(_Families([part]))
+                if start:
+                    text = b"".join(line for line in text.splitlines(keepends=True) if not line.startswith(b"# "))
+                yield text.removesuffix(_EOF)
+
+    # -- families ---------------------------------------------------------------------------
 
     def _gauge(self, name: str, doc: str, value: float | None, **labels: str) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, doc, labels=[*self.base, *labels])
@@ -111,7 +160,7 @@ class GradwatchCollector(Collector):
         return family
 
     def _live(self, v: View) -> list[Metric]:
-        """The per-step scalars (telemetry.LIVE): a few lines, rendered once per version."""
+        """Scalars and counters: a few dozen lines, rendered once per telemetry version."""
         out = [self._gauge(m.STEP, "Optimizer steps attempted (skipped steps included).", v.step)]
         if v.loss is not None:
             out.append(self._gauge(m.LOSS, "Latest loss reported with Agent.observe().", v.loss))
@@ -125,6 +174,7 @@ class GradwatchCollector(Collector):
         out.append(self._gauge(m.CLIPPING_ACTIVE, "1 while gradwatch clips gradients.", float(v.clipping_active)))
         if v.clip_threshold is not None:
             out.append(self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold))
+        out.extend(self._counters(v))
         return out
 
     def _peaks(self, v: View) -> list[Metric]:
@@ -141,11 +191,6 @@ class GradwatchCollector(Collector):
                 )
             )
         return out
-
-    def _bulk(self, v: View) -> Iterator[Metric]:
-        """Per-layer families and counters: rendered once per bulk version."""
-        yield from self._layer_families(v)
-        yield from self._counters(v)
 
     def _layer_families(self, v: View) -> Iterator[Metric]:
         labels = [*self.base, "layer"]

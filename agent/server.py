@@ -10,7 +10,9 @@ A scrape must never slow the training thread it shares a process with. So:
 - the thread's own CPU time is kept to ``busy_fraction`` of wall time: after each
   burst of work it rests (GIL released) in proportion, so however many scrapers
   come, the training thread holds the GIL the rest of the time;
-- the collector serves cached text (rendered once per telemetry change);
+- the collector serves cached text (rendered once per telemetry change); a large
+  re-rendering advances one small piece per round, between requests, so it is
+  paced by the same rest;
 - requests are served one at a time, the registered consumers' (watchdog, Prometheus) first.
 
 It names each scraper (client address + User-Agent) to the collector, so per-scraper
@@ -116,6 +118,7 @@ class MetricsServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._conns: dict[socket.socket, _Conn] = {}  # in the order they opened
         self._queue: list[_Conn] = []  # complete requests waiting for their response
+        self._rendering = False  # the collector has a rendering in progress
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="gradwatch-metrics", daemon=True)
         self._thread.start()
@@ -157,6 +160,7 @@ class MetricsServer:
                 else:
                     self._read(key.data)
             self._respond()
+            self._rendering = self.collector.render_step()
             self._expire()
             # Rest in proportion to the work just done (CPU time: not time spent waiting for the GIL).
             spent = time.thread_time() - started
@@ -164,7 +168,7 @@ class MetricsServer:
                 self._stopping.wait(min(spent * (1 - self.busy_fraction) / self.busy_fraction, 1.0))
 
     def _wait_s(self) -> float | None:
-        if self._queue:
+        if self._queue or self._rendering:
             return 0
         if not self._conns:
             return None

@@ -3,7 +3,8 @@
 The training step replaces whole values under a short lock (counters are copied
 on write), so a read is a shallow copy and never walks the per-layer tables.
 Two version numbers tell the exporter what changed since it last rendered: one
-for any change, one for the bulk (everything but the few per-step scalars).
+for any change, one for the per-layer tables (the bulk of the text, changed on
+sampled steps only).
 
 Spike-sensitive values (global gradient norm, loss) also keep, for each scraper,
 their maximum since that scraper's previous scrape: Prometheus and the watchdog
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from gradwatch.agent.layers import LayerValues
 
 PEAKED = ("grad_global_norm", "loss")
-LIVE = frozenset({"step", "loss", "grad_global_norm", "learning_rates", "lr_scale", "clipping_active", "clip_threshold"})
-"""Fields that change on most steps and are few: the exporter renders them apart from the bulk."""
+LAYER_TABLES = frozenset({"layers", "update_ratio", "depth"})
+"""Fields the exporter renders as per-layer families, cached by ``layers_version``."""
 MAX_SCRAPERS = 8
 """Peak slots for scrapers that are not registered consumers (least recently seen evicted first)."""
 MAX_CONSUMERS = 4
@@ -67,7 +68,7 @@ class View:
     spike_clipped: Counter = field(default_factory=Counter)  # mode -> steps the guard clipped
     commands: Counter = field(default_factory=Counter)  # action -> applied
     version: int = 0  # bumped by every change
-    bulk_version: int = 0  # bumped by every change outside LIVE
+    layers_version: int = 0  # bumped by every change of a LAYER_TABLES field
 
 
 def _fmax(a: float | None, b: float) -> float:
@@ -94,8 +95,8 @@ class Telemetry:
             for name, value in values.items():
                 setattr(v, name, value)
             v.version += 1
-            if not LIVE.issuperset(values):
-                v.bulk_version += 1
+            if not LAYER_TABLES.isdisjoint(values):
+                v.layers_version += 1
 
     def record_peak(self, name: str, value: float) -> None:
         """Fold one step's value of a spike-sensitive quantity into every scraper's running max."""
@@ -111,7 +112,6 @@ class Telemetry:
             copy[key] += n
             setattr(v, counter, copy)
             v.version += 1
-            v.bulk_version += 1
 
     def read(self, scraper: object = None, consumer: bool = False) -> View:
         """Copy of the view; ``peaks`` holds the maxima since ``scraper``'s previous read.
