@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from gradwatch.agent.exporter import GradwatchCollector
 from gradwatch.agent.telemetry import scraper_slot
+from gradwatch.agent.throttle import Throttled
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -120,6 +121,7 @@ class MetricsServer:
         self._queue: list[_Conn] = []  # complete requests waiting for their response
         self._rendering = False  # the collector has a rendering in progress
         self._stopping = threading.Event()
+        self._warn = Throttled(log)
         self._thread = threading.Thread(target=self._serve, name="gradwatch-metrics", daemon=True)
         self._thread.start()
 
@@ -151,21 +153,34 @@ class MetricsServer:
                 return
             started = time.thread_time()
             for key, mask in events:
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "wake":
+                if key.data == "wake":
                     return
-                elif mask & selectors.EVENT_WRITE:
-                    self._write(key.data)
-                else:
-                    self._read(key.data)
-            self._respond()
-            self._rendering = self.collector.render_step()
+                self._guarded(self._handle, key.data, mask)
+            self._guarded(self._respond)
+            self._rendering = bool(self._guarded(self.collector.render_step))
             self._expire()
             # Rest in proportion to the work just done (CPU time: not time spent waiting for the GIL).
             spent = time.thread_time() - started
             if spent > 0:
                 self._stopping.wait(min(spent * (1 - self.busy_fraction) / self.busy_fraction, 1.0))
+
+    def _handle(self, what: "_Conn | str", mask: int) -> None:
+        if what == "accept":
+            self._accept()
+        elif mask & selectors.EVENT_WRITE:
+            self._write(what)
+        else:
+            self._read(what)
+
+    def _guarded(self, fn, *args):
+        """Run one piece of the server's work; a failure is logged (throttled), never ends the endpoint."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._warn.warning("serve", "gradwatch: metrics endpoint: %s failed: %r", fn.__name__, exc)
+            if args and isinstance(args[0], _Conn):
+                self._drop(args[0])
+            return None
 
     def _wait_s(self) -> float | None:
         if self._queue or self._rendering:
@@ -287,7 +302,10 @@ class MetricsServer:
         conn.events = events
 
     def _drop(self, conn: _Conn) -> None:
-        self._watch(conn, 0)
+        try:
+            self._watch(conn, 0)
+        except (KeyError, ValueError, OSError):  # not registered, or its socket already closed
+            conn.events = 0
         if conn in self._queue:
             self._queue.remove(conn)
         self._conns.pop(conn.sock, None)

@@ -355,3 +355,47 @@ def test_observe_never_raises_and_logs_once(attach, caplog, loss, exported):
         assert len(lines) == 1, [r.getMessage() for r in lines]  # once, not once per step
     else:
         assert not lines
+
+
+# -- the cached, piecewise exposition is still one valid exposition ---------------------------
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+def test_the_pieced_exposition_parses_and_matches_the_registry(attach, accept):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    model = MLP(depth=12)  # 26 tensors: each per-layer family is rendered in two pieces
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = attach(model, opt, every=1)
+    step = trainer(model, opt, agent)
+    for _ in range(3):
+        step()
+    request = urllib.request.Request(agent.url, headers={"Accept": accept, "User-Agent": "test/1"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text, content_type = response.read().decode(), response.headers["Content-Type"]
+    assert content_type.startswith("application/openmetrics-text" if accept else "text/plain")
+    families = list((parse_openmetrics if accept else parse_text)(text))  # one EOF, each family once
+    names = [f.name for f in families]
+    assert len(names) == len(set(names))
+    grad_norms = {s.labels["layer"]: s.value for f in families if f.name == m.GRAD_NORM for s in f.samples}
+    assert len(grad_norms) == 26
+    for layer, value in grad_norms.items():
+        assert value == sample(agent, m.GRAD_NORM, layer=layer)
+
+
+def test_requests_the_endpoint_does_not_serve_get_a_status_not_a_hang(attach):
+    model = MLP()
+    agent = attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def status(raw: bytes) -> bytes:
+        with socket.create_connection(host_port(agent), timeout=10) as s:
+            s.sendall(raw)
+            return s.recv(4096).split(b"\r\n", 1)[0]
+
+    assert status(b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 404 Not Found"
+    assert status(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n") == b"HTTP/1.1 405 Method Not Allowed"
+    assert status(b"nonsense\r\n\r\n") == b"HTTP/1.1 400 Bad Request"
+    assert status(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 8_500) == b"HTTP/1.1 431 Request Header Fields Too Large"
