@@ -197,7 +197,7 @@ class ControlClient:
             response = conn.getresponse()
             data = response.read(MAX_ANSWER_BYTES + 1)
             status = response.status
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException):
             if cut.is_set():
                 raise TimeoutError(f"{method} {path}: no complete answer within {budget:.1f} s") from None
             raise

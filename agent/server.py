@@ -164,7 +164,7 @@ class MetricsServer:
             if spent > 0:
                 self._stopping.wait(min(spent * (1 - self.busy_fraction) / self.busy_fraction, 1.0))
 
-    def _handle(self, what: "_Conn | str", mask: int) -> None:
+    def _handle(self, what: _Conn | str, mask: int) -> None:
         if what == "accept":
             self._accept()
         elif mask & selectors.EVENT_WRITE:

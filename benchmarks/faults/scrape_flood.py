@@ -4,7 +4,7 @@
     (or through benchmarks/fault_load.py, which prints every fault module's rows in one table)
 
 A 406-tensor model (100 pre-norm residual blocks of LayerNorm + Linear(64, 64), Adam,
-batch 256, one thread) trains under ``gradwatch.agent.watch`` (default settings): its
+batch 128, one thread) trains under ``gradwatch.agent.watch`` (default settings): its
 exposition is about 3,300 lines, and its step is mostly op dispatch, the kind of step a
 thread holding the GIL slows most. Four loads, interleaved in rounds (each round runs
 every load once, in a shuffled order, so drift in the machine's load falls on all alike):
@@ -24,12 +24,14 @@ The scrape rate served and the threads 500 idle connections add are shown as wel
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -38,7 +40,7 @@ from torch import nn
 import gradwatch.agent
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import format_table, header_lines, mark  # noqa: E402
+from common import format_table, header_lines, mark
 
 Row = dict  # {"scenario", "measure", "value", "goal", "met"} (benchmarks/fault_load.py's contract)
 
@@ -97,7 +99,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.agent = gradwatch.agent.watch(self.model, self.opt, run="flood", port=0)
         gen = torch.Generator().manual_seed(1)
-        self.batches = [(torch.randn(256, 64, generator=gen), torch.randint(0, 10, (256,), generator=gen)) for _ in range(8)]
+        self.batches = [(torch.randn(128, 64, generator=gen), torch.randint(0, 10, (128,), generator=gen)) for _ in range(8)]
         self.i = 0
 
     def step(self) -> float:
@@ -173,8 +175,6 @@ def idle_connection_threads(url: str, n: int = 500) -> tuple[int, bool]:
             socks.append(s)
         time.sleep(0.5)
         during = threading.active_count()
-        import urllib.request
-
         try:
             ok = urllib.request.urlopen(url, timeout=10).status == 200
         except OSError:
@@ -196,7 +196,7 @@ def run(quick: bool) -> list[Row]:
     try:
         for _ in range(10):
             trainer.step()
-        rounds, steps, settle = (1, 40, 0.6) if quick else (6, 150, 1.0)
+        rounds, steps, settle = (1, 20, 0.5) if quick else (5, 60, 1.0)
         times, rates = measure(trainer, rounds, steps, settle)
         added, scrape_ok = idle_connection_threads(trainer.agent.url, 100 if quick else 500)
     finally:
@@ -233,11 +233,16 @@ def run(quick: bool) -> list[Row]:
     return rows
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg()) + " (load average 1/5/15 min)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short round: a smoke run, rough numbers")
     args = parser.parse_args(argv)
-    print("\n".join(header_lines({"torch": torch.__version__, "threads": "1", "cpus": str(len(__import__("os").sched_getaffinity(0)))})))
+    cpus = str(len(os.sched_getaffinity(0)))
+    print("\n".join(header_lines({"torch": torch.__version__, "threads": "1", "cpus": cpus, "load": _load()})))
     rows = run(args.quick)
     print(format_table(["scenario", "measure", "value", "goal", "met"],
                        [[r["scenario"], r["measure"], r["value"], r["goal"], mark(r["met"])] for r in rows],
