@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 import weakref
 from collections.abc import Callable
 
@@ -91,10 +92,10 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = GradwatchCollector(self.telemetry, config.run, self.ranks.rank)
         self.registry.register(self.collector)
-        port = config.port
+        port = config.port or 0
         if port and self.ranks.distributed:
             port += self.ranks.local_rank
-        self._server = MetricsServer(self.registry, self.collector, config.host, port)
+        self._server = MetricsServer(self.collector, config.host, min(port, 65535))
         self.control = self._connect(config)
         self.commands = CommandRouter(self.control, self.remedy, self.telemetry, config.run, self.ranks.rank)
         self.commands.publish()
@@ -122,6 +123,7 @@ class Agent:
             metrics_url=self.url,
             pid=os.getpid(),
             hostname=socket.gethostname(),
+            instance=uuid.uuid4().hex,  # names this agent process to the watchdog (contract 1)
         )
         return ControlClient(
             url, read_secret(config.secret_file), registration,
@@ -149,9 +151,20 @@ class Agent:
     def observe(self, loss=None) -> None:
         """Report a loss (a tensor stays on its device; no sync here). Call it once per micro-batch under
         gradient accumulation: the loss exported for an optimizer step is the mean of the values
-        observed since the previous step (observed inside a step's closure, it counts for that step)."""
-        if loss is not None:
+        observed since the previous step (observed inside a step's closure, it counts for that step).
+
+        Never raises into the training loop: a tensor with several elements is reduced by
+        its mean, a number too large for a float is recorded as inf, and a value that is
+        not a real number (a string, None) is dropped; each logged once (throttled).
+        """
+        try:
+            if loss is None:
+                raise TypeError("loss is None")
             self.monitor.observe_loss(loss)
+        except Exception as exc:
+            self._warn.warning(
+                "observe", "gradwatch: observe(loss=<%s>) ignored: %s (training continues)", type(loss).__name__, exc
+            )
 
     def _pre_hook(self, optimizer, args, kwargs):
         """Before the update. A plain ``step()``: the gradients are there, guard and measure them now.
@@ -220,9 +233,16 @@ class Agent:
         self.commands.publish()
 
     def close(self) -> None:
-        """Remove every hook and stop the endpoint. Safe to call twice."""
+        """Remove every hook and stop the endpoint. Safe to call twice.
+
+        Returns within about a second whatever the watchdog does: the last acknowledgements
+        and the goodbye to the watchdog are sent in the background, with a bounded deadline.
+        """
         if self._handles:
-            self.monitor.flush()
+            try:
+                self.monitor.flush()
+            except Exception as exc:
+                log.warning("gradwatch: the last observed loss could not be read at close: %s", exc)
         self._release()
 
     def _release(self) -> None:

@@ -76,7 +76,9 @@ class AgentConfig(BaseModel):
         default=DEFAULT_PORT,
         ge=0,
         le=65535,
-        description="Metrics port (0: ephemeral). Under torch.distributed LOCAL_RANK is added to a non-zero port.",
+        description="Preferred metrics port (0: ephemeral). Under torch.distributed LOCAL_RANK is added to a "
+        "non-zero port. If it is taken, the next free one of the 16 above it is used, then an ephemeral one "
+        "(logged; the watchdog is given the real URL).",
     )
     sync_ranks: bool = Field(
         default=True,
@@ -92,8 +94,12 @@ class AgentConfig(BaseModel):
         default=None,
         description="File holding the shared command secret (default: the GRADWATCH_SECRET environment variable).",
     )
-    poll_interval_s: float = Field(
-        default=1.0, gt=0, le=60, description="How often rank 0 asks the watchdog for commands (the watchdog may change it)."
+    poll_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="How often rank 0 asks the watchdog for commands. Set, it wins over the watchdog's; None: the "
+        "interval the watchdog sends with each answer, clamped to [0.1, 60] s (1 s until it has answered).",
     )
     max_lr_cuts: int = Field(default=4, ge=0, description="At most this many LR cuts per lr_cut_window_s.")
     lr_cut_window_s: float = Field(default=600.0, gt=0)

@@ -25,6 +25,7 @@ from gradwatch.agent import params as param_groups
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
+from gradwatch.agent.loss import loss_tensor
 from gradwatch.agent.remedy import Remediation
 from gradwatch.agent.sparse import SparseSplit
 from gradwatch.agent.spikes import HeldWindow, SpikeGuard
@@ -98,13 +99,11 @@ class StepMonitor:
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Keep the loss on its device; it reaches the host with the next step's transfer. Values
-        observed between two optimizer steps (gradient accumulation's micro-batches) are averaged."""
-        if isinstance(loss, Tensor):  # each op skipped here is one fewer on every step
-            value = loss.detach()
-            value = value if value.dtype == torch.float32 else value.float()
-            value = value if value.dim() == 0 else value.reshape(())
-        else:
-            value = torch.tensor(float(loss))
+        observed between two optimizer steps (gradient accumulation's micro-batches) are averaged.
+        Raises TypeError/ValueError for a loss that is not a real number (Agent.observe logs it)."""
+        value, note = loss_tensor(loss)
+        if note is not None:
+            self._warn.warning("loss_shape", "gradwatch: %s", note)
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
 

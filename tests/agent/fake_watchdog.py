@@ -14,7 +14,6 @@ from gradwatch.watchdog.schema import (
     AUTH_HEADER,
     Ack,
     Command,
-    CommandBatch,
     Registration,
     SignedCommand,
     verify_request,
@@ -28,7 +27,10 @@ class FakeWatchdog:
         self.finished: list[str] = []
         self.acks: list[Ack] = []
         self.auth_failures: list[str] = []
-        self.queue: list[SignedCommand] = []
+        self.queue: list[SignedCommand | dict] = []  # a dict: a raw entry, e.g. one the agent cannot read
+        self.poll_interval_s = 0.05  # what the poll answers tell the agent
+        self.polls = 0
+        self.known = True  # False: polls answer 404 "run not registered" until the agent registers again
         self._seq = 0
         owner = self
 
@@ -56,6 +58,7 @@ class FakeWatchdog:
                     return
                 if self.path == "/api/v1/runs":
                     owner.registrations.append(Registration.model_validate_json(body))
+                    owner.known = True
                 else:
                     owner.acks.extend(Ack.model_validate(a) for a in json.loads(body))
                 self._reply("{}")
@@ -68,9 +71,20 @@ class FakeWatchdog:
             def do_GET(self):  # noqa: N802
                 if not self._authorized(b""):
                     return
+                owner.polls += 1
+                if not owner.known:
+                    data = b'{"detail": "run not registered"}'
+                    self.send_response(404)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 after = int(self.path.rsplit("after=", 1)[1])
-                batch = CommandBatch(commands=[c for c in owner.queue if c.command.seq > after], poll_interval_s=0.05)
-                self._reply(batch.model_dump_json())
+                entries = [c if isinstance(c, dict) else c.model_dump(mode="json") for c in owner.queue]
+                batch = {"commands": [e for e in entries if e["command"]["seq"] > after],
+                         "poll_interval_s": owner.poll_interval_s}
+                self._reply(json.dumps(batch))
 
             def log_message(self, *args):
                 pass
@@ -91,6 +105,15 @@ class FakeWatchdog:
         signed = SignedCommand.sign(command, secret or self.secret)
         self.queue.append(signed)
         return signed
+
+    def send_raw(self, command: dict) -> dict:
+        """Queue an entry as a newer or broken watchdog might send it: no schema check, a bogus signature."""
+        self._seq += 1
+        now = time.time()
+        entry = {"command": {"id": f"raw{self._seq:08d}", "run": "test", "seq": self._seq, "reason": "test",
+                             "issued_at": now, "expires_at": now + 60, **command}, "signature": "0" * 64}
+        self.queue.append(entry)
+        return entry
 
     def wait_for_acks(self, n: int, step_fn, timeout: float = 10.0) -> list[Ack]:
         """Call ``step_fn()`` (one training step) until ``n`` acks arrived."""

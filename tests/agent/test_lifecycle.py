@@ -131,16 +131,21 @@ def test_bad_model_or_optimizer_is_refused():
         gradwatch.agent.watch(MLP(), torch.optim.SGD(MLP().parameters(), lr=0.1), run="x", port=0)
 
 
-def test_port_in_use_is_a_clear_error():
+def test_port_in_use_falls_back_to_a_free_one_and_says_so(caplog):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         model = MLP()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(OSError, match=f"port {port}.*already in use"):
-            gradwatch.agent.watch(model, opt, run="x", port=port)
-        assert not opt._optimizer_step_pre_hooks
+        agent = gradwatch.agent.watch(model, opt, run="x", port=port)
+        try:
+            served = int(agent.url.rsplit(":", 1)[1].split("/")[0])
+            assert served != port
+            assert f"port {port}" in caplog.text and f"port {served} instead" in caplog.text
+            assert urllib.request.urlopen(agent.url).status == 200
+        finally:
+            agent.close()
 
 
 def test_monitor_failure_never_reaches_the_training_loop(attach, monkeypatch, caplog):

@@ -151,7 +151,12 @@ def test_stop_and_checkpoint_reach_callbacks_or_are_unsupported(attach, watchdog
     ack = watchdog.wait_for_acks(2, step)[1]
     assert ack.status == "applied" and stopped == [ack.step]
     agent.close()
-    assert watchdog.finished == ["/api/v1/runs/test?rank=0"]  # the run said goodbye, signed
+    deadline = time.monotonic() + 10  # the goodbye is sent in the background (close() never waits on the network)
+    while not watchdog.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    instance = watchdog.registrations[0].instance
+    assert instance  # signed goodbye naming this agent's instance (contract 1)
+    assert watchdog.finished == [f"/api/v1/runs/test?rank=0&instance={instance}"]
 
 
 def test_dead_watchdog_never_stalls_training(attach, watchdog):
