@@ -219,7 +219,7 @@ def test_the_registered_url_is_the_port_actually_served(attach, watchdog):
         model = MLP()
         agent = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), port=port, watchdog_url=watchdog.url)
         other = MLP()
-        second = attach(other, torch.optim.SGD(other.parameters(), lr=0.1), port=port)  # same preference
+        second = attach(other, torch.optim.SGD(other.parameters(), lr=0.1), port=port, run="second")  # same preference (one run per optimizer)
         assert len({agent.url, second.url}) == 2 and f":{port}/" not in agent.url + second.url
         deadline = time.monotonic() + 10
         while not watchdog.registrations:

@@ -10,6 +10,7 @@ import math
 import statistics
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from gradwatch.agent.exporter import GradwatchCollector
@@ -190,13 +191,12 @@ def test_held_ratio_peaks_per_scraper_and_reads_zero_without_a_held_step(attach)
     for norm in norms:
         step_with_norm(agent, model, opt, norm, loss=1.0)
     median = statistics.median(norms)
-    collectors = {}
-    for who in ("prometheus", "watchdog"):
-        collectors[who] = GradwatchCollector(agent.telemetry, "test", 0)
-        collectors[who].set_scraper(who)
+    collector = GradwatchCollector(agent.telemetry, "test", 0)
+    user_agents = {"prometheus": "Prometheus/2.42.0", "watchdog": "gradwatch-watchdog/0.1.0"}
 
     def ratio(who: str) -> float:
-        (family,) = [f for f in collectors[who].collect() if f.name == m.GUARD_HELD_RATIO_MAX]
+        body, _ = collector.exposition("127.0.0.1", user_agents[who], "")
+        (family,) = [f for f in text_string_to_metric_families(body.decode()) if f.name == m.GUARD_HELD_RATIO_MAX]
         return family.samples[0].value
 
     assert ratio("prometheus") == 0 and ratio("watchdog") == 0
