@@ -17,40 +17,19 @@ from gradwatch.agent.config import AgentConfig, build_config
 from gradwatch.agent.control import ControlClient
 from gradwatch.agent.exporter import GradwatchCollector
 from gradwatch.agent.layers import LayerMap
+from gradwatch.agent.params import check_model, collect, unwrap_optimizer
 from gradwatch.agent.monitor import StepMonitor
 from gradwatch.agent.remedy import Bounds, Remediation
 from gradwatch.agent.server import MetricsServer
 from gradwatch.agent.telemetry import Telemetry
+from gradwatch.agent.throttle import Throttled
 from gradwatch.watchdog.schema import Registration, read_secret
 
 log = logging.getLogger("gradwatch.agent")
 
 _watched: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-
-
-def _named_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    if not names:
-        raise ValueError("gradwatch.watch: the model has no parameters to watch")
-    params, labels, seen = [], [], set()
-    for g, group in enumerate(optimizer.param_groups):
-        for i, p in enumerate(group["params"]):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            params.append(p)
-            labels.append(names.get(id(p), f"group{g}.param{i}"))
-    if not any(id(p) in names for p in params):
-        raise ValueError(
-            "gradwatch.watch: the optimizer holds none of the model's parameters; "
-            "pass the optimizer built from this model's parameters"
-        )
-    # A parameter with no elements has no gradient values to measure or guard (and would make every
-    # reduction of its statistics fail): it gets no layer label. A skipped step still clears its gradient.
-    kept = [(p, label) for p, label in zip(params, labels) if p.numel() > 0]
-    if not kept:
-        raise ValueError("gradwatch.watch: every parameter the optimizer holds has zero elements; nothing to watch")
-    return [p for p, _ in kept], [label for _, label in kept]
+_identities: "weakref.WeakValueDictionary[tuple[str, int], Agent]" = weakref.WeakValueDictionary()
+"""Live agents by (run, rank): two in one process would export and register as one identity."""
 
 
 class Agent:
@@ -62,13 +41,42 @@ class Agent:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: AgentConfig) -> None:
+        # Every check comes before anything is attached: a refused watch() leaves nothing behind.
+        model = check_model(model)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer in _watched:
             raise ValueError("gradwatch.watch: this optimizer is already watched; close() the other agent first")
-        params, names = _named_optimizer_params(model, optimizer)
+        ranks = distributed.rank_info()
+        identity = (config.run, ranks.rank)
+        if identity in _identities:
+            raise ValueError(
+                f"gradwatch.watch: run {config.run!r} rank {ranks.rank} is already watched in this process "
+                f"(metrics at {_identities[identity].url}); close() that agent first, or give this one its own run name "
+                "(e.g. one run per optimizer)"
+            )
+        params, names = collect(model, optimizer)
         self.config = config
-        self.ranks = distributed.rank_info()
-        self.layer_map = LayerMap(names, [p.numel() for p in params], config.layers, config.top_k)
-        self.telemetry = Telemetry(self.layer_map.depth())
+        self.ranks = ranks
+        self._optimizer = optimizer
+        self._handles: list = []
+        self._warn = Throttled(log)
+        self.entered = 0
+        """Calls of the optimizer's step() so far (GradScaler's skips are told apart by it)."""
+        self._server: MetricsServer | None = None
+        self.control: ControlClient | None = None
+        try:
+            self._attach(model, optimizer, params, names)
+        except BaseException:
+            self._release()  # the port, the control thread, any hook: a retry starts from nothing
+            raise
+        _watched.add(optimizer)
+        _identities[identity] = self
+        log.info("gradwatch: watching run %r (rank %d), metrics at %s", config.run, self.ranks.rank, self.url)
+
+    def _attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list, names: list[str]) -> None:
+        config = self.config
+        layer_map = LayerMap(names, [p.numel() for p in params], config.layers, config.top_k)
+        self.telemetry = Telemetry(layer_map.depth())
         self.remedy = Remediation(
             Bounds(config.max_lr_cuts, config.lr_cut_window_s, config.lr_cut_cooldown_s, config.min_lr_scale)
         )
@@ -83,15 +91,17 @@ class Agent:
         self.commands = CommandRouter(self.control, self.remedy, self.telemetry, config.run, self.ranks.rank)
         self.commands.publish()
         self.monitor = StepMonitor(
-            params, self.layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands
+            params, layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands, model=model
         )
-        self._optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
         ]
-        _watched.add(optimizer)
-        log.info("gradwatch: watching run %r (rank %d), metrics at %s", config.run, self.ranks.rank, self.url)
+
+    @property
+    def layer_map(self) -> LayerMap:
+        """The current `layer` labels (rebuilt when param groups are added after watch())."""
+        return self.monitor.layer_map
 
     def _connect(self, config: AgentConfig) -> ControlClient | None:
         url = config.watchdog_url or os.environ.get("GRADWATCH_URL")
@@ -120,8 +130,8 @@ class Agent:
 
     @property
     def url(self) -> str:
-        """The metrics endpoint, e.g. ``http://127.0.0.1:9465/metrics``."""
-        return self._server.url
+        """The metrics endpoint, e.g. ``http://127.0.0.1:9465/metrics`` (empty once closed)."""
+        return self._server.url if self._server is not None else ""
 
     @property
     def step(self) -> int:
@@ -133,21 +143,48 @@ class Agent:
         if loss is not None:
             self.monitor.observe_loss(loss)
 
-    def _pre_hook(self, optimizer, args, kwargs) -> None:
+    def _pre_hook(self, optimizer, args, kwargs):
+        """Before the update. A plain ``step()``: the gradients are there, guard and measure them now.
+        ``step(closure)``: forward and backward run inside step() (Lightning's automatic optimization,
+        LBFGS), so the closure is wrapped and the gradients are guarded and measured once it has run."""
+        self.entered += 1
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._guarded(self.monitor.before_step)
+            return None
+        self._guarded(self.monitor.begin_closure_step)
+        wrapped = self._wrap_closure(closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
+
+    def _wrap_closure(self, closure: Callable):
+        def guarded_closure(*args, **kwargs):
+            loss = closure(*args, **kwargs)
+            self._guarded(self.monitor.closure_evaluated)
+            return loss
+
+        return guarded_closure
+
+    def _guarded(self, part: Callable[[], None]) -> None:
         try:
-            self.monitor.before_step()
-        except Exception:  # the trainer must never die of its monitor
-            log.exception("gradwatch: step %d: monitoring failed; the step proceeds unguarded", self.monitor.step)
+            part()
+        except Exception:  # the trainer must never die of its monitor; one log line per interval, with a count
+            self._warn.exception(
+                "failed", "gradwatch: step %d: monitoring failed; the step proceeds unguarded", self.monitor.step
+            )
             try:
                 self.monitor.recover()
             except Exception:
-                log.exception("gradwatch: step %d: could not join the other ranks' guard decision", self.monitor.step)
+                self._warn.exception(
+                    "recover", "gradwatch: step %d: could not join the other ranks' guard decision", self.monitor.step
+                )
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
         try:
             self.monitor.after_step()
         except Exception:
-            log.exception("gradwatch: step %d: measuring the update failed", self.monitor.step)
+            self._warn.exception("after", "gradwatch: step %d: measuring the update failed", self.monitor.step)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to carry on where this one stopped: the step count,
@@ -174,15 +211,24 @@ class Agent:
 
     def close(self) -> None:
         """Remove every hook and stop the endpoint. Safe to call twice."""
+        if self._handles:
+            self.monitor.flush()
+        self._release()
+
+    def _release(self) -> None:
+        """Give back whatever this agent holds: hooks, the control thread, the port, its identity."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         _watched.discard(self._optimizer)
-        self.monitor.flush()
+        if _identities.get((self.config.run, self.ranks.rank)) is self:
+            del _identities[(self.config.run, self.ranks.rank)]
         if self.control is not None:
             self.control.close()
             self.control = None
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def __enter__(self) -> "Agent":
         return self
@@ -194,7 +240,10 @@ class Agent:
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: str, **settings) -> Agent:
     """Attach gradwatch to an unmodified training loop and start its /metrics endpoint.
 
-    Settings are :class:`~gradwatch.agent.config.AgentConfig` fields (``every``, ``port``, ...);
-    a bad one raises ``ValueError`` naming it before anything is attached.
+    ``optimizer`` may be a framework's wrapper of a torch optimizer (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer): the torch optimizer inside is watched. Settings are
+    :class:`~gradwatch.agent.config.AgentConfig` fields (``every``, ``port``, ...); a bad one, a
+    ``model`` that is not a module or an ``optimizer`` that is not one raises ``ValueError`` naming
+    it before anything is attached.
     """
     return Agent(model, optimizer, build_config(run, settings))

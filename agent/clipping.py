@@ -34,11 +34,13 @@ def _unit_norms(norms: Tensor, units: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def global_norm_(grads: list[Tensor], norms: Tensor, threshold: float) -> None:
+def global_norm_(grads: list[Tensor], norms: Tensor, threshold: float) -> Tensor:
+    """Returns the clipped gradients' norms (``norms`` scaled alike), for clipping that follows."""
     total = norms.square().sum().sqrt()
     c = torch.tensor(threshold, dtype=total.dtype, device=total.device)
     coef = c / torch.maximum(total, c)
     torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return norms * coef
 
 
 @torch.no_grad()

@@ -47,6 +47,14 @@ class AgentConfig(BaseModel):
         "the last 128 applied steps is clipped to that bound (OLMo-core's test; it skips). Needs the "
         "global norm every step (one multi-tensor L2 pass, as clip_grad_norm_). None: off.",
     )
+    max_grad_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Clip the global gradient L2 norm to this, as clip_grad_norm_(max_norm=...) would, after "
+        "gradwatch has measured the raw gradients: hand the framework's or the loop's own clipping to gradwatch "
+        "(drop the clip_grad_norm_ call) and the exported norms stay the raw, pre-clip ones. Watchdog-commanded "
+        "clipping still applies on top (the tighter wins). Needs the global norm every step. None: no clipping.",
+    )
     layers: Literal["tensor", "module"] = Field(
         default="tensor",
         description="`tensor`: one `layer` label per parameter tensor; `module`: one per owning module.",

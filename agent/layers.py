@@ -160,3 +160,42 @@ class LayerMap:
         nan, inf = nan.tolist(), inf.tolist()
         return {label: (int(nan[i]), int(inf[i])) for i, label in enumerate(self.labels) if nan[i] or inf[i]}
 
+
+
+WRAPPER_ATTRIBUTES = frozenset(
+    {
+        "_orig_mod",  # torch.compile's OptimizedModule
+        "_fsdp_wrapped_module",  # FSDP (1)
+        "_checkpoint_wrapped_module",  # activation checkpointing's CheckpointWrapper
+        "_forward_module",  # Lightning's module wrappers and Fabric's _FabricModule
+        "_original_module",
+    }
+)
+"""Submodule names that only wrappers use: a parameter's label never contains them."""
+
+_DATA_PARALLEL = frozenset({"DistributedDataParallel", "DataParallel", "DeepSpeedEngine"})
+"""Wrappers that hold the model as ``.module``; only under these is ``module`` dropped (a user's own
+submodule may well be called ``module``)."""
+
+
+def canonical_names(model: torch.nn.Module) -> dict[int, str]:
+    """Each parameter's name as the unwrapped model would give it, by ``id``: the same model has the
+    same `layer` labels under DDP (``module.``), torch.compile (``_orig_mod.``), FSDP and activation
+    checkpointing wrappers (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``).
+    A parameter reachable by several paths keeps its first one, as ``named_parameters()`` does."""
+    names: dict[int, str] = {}
+    seen: set[int] = set()
+
+    def visit(module: torch.nn.Module, prefix: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for name, p in module.named_parameters(recurse=False):
+            names.setdefault(id(p), prefix + name)
+        parallel = any(c.__name__ in _DATA_PARALLEL for c in type(module).__mro__)
+        for name, child in module.named_children():
+            transparent = name in WRAPPER_ATTRIBUTES or (name == "module" and parallel)
+            visit(child, prefix if transparent else f"{prefix}{name}.")
+
+    visit(model, "")
+    return names

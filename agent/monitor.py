@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gradwatch.agent import clipping, distributed, probe
+from gradwatch.agent import clipping, distributed, probe, sparse
+from gradwatch.agent import params as param_groups
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.commands import CommandRouter
 from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.remedy import Remediation
+from gradwatch.agent.sparse import SparseSplit
 from gradwatch.agent.spikes import SpikeGuard
 from gradwatch.agent.telemetry import Telemetry
 from gradwatch.agent.throttle import Throttled
@@ -50,7 +53,9 @@ class StepMonitor:
         ranks: distributed.RankInfo,
         remedy: Remediation,
         commands: CommandRouter,
+        model: torch.nn.Module | None = None,
     ) -> None:
+        self.model = model  # for the labels of param groups added after watch()
         self.params = params
         self.layer_map = layer_map
         self.telemetry = telemetry
@@ -65,7 +70,13 @@ class StepMonitor:
         self.per_layer = ranks.rank == 0 or config.per_layer_ranks == "all"
         self.step = 0
         self._all = list(range(len(params)))
-        self._loss: Tensor | None = None  # latest observed loss, on device
+        self._signature = param_groups.signature(optimizer)
+        self._loss_sum: Tensor | None = None  # losses observed since the last optimizer step, summed on device
+        self._loss_count = 0
+        self._evaluations: int | None = None  # closure evaluations in this step; None: not a closure step
+        self._split: SparseSplit | None = None  # where sparse gradients sit among the present ones
+        self.loss_scale: Callable[[], Tensor | None] | None = None  # GradScaler's current scale, when watched
+        self._loss: Tensor | None = None  # the latest optimizer step's loss (mean of its observed values), on device
         self._loss_max: Tensor | None = None  # max since the last transfer, on device
         self._ratio: _PendingRatio | None = None
         self._before: tuple[list[int], probe.Layout, list] | None = None
@@ -78,27 +89,73 @@ class StepMonitor:
     # -- called by the training thread -------------------------------------------------
 
     def observe_loss(self, loss: Tensor | float) -> None:
-        """Keep the loss on its device; it reaches the host with the next step's transfer."""
+        """Keep the loss on its device; it reaches the host with the next step's transfer. Values
+        observed between two optimizer steps (gradient accumulation's micro-batches) are averaged."""
         if isinstance(loss, Tensor):  # each op skipped here is one fewer on every step
             value = loss.detach()
             value = value if value.dtype == torch.float32 else value.float()
             value = value if value.dim() == 0 else value.reshape(())
         else:
             value = torch.tensor(float(loss))
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    def _close_loss(self) -> None:
+        """At an optimizer step (attempted): the mean of the losses observed since the previous one
+        becomes the step's loss (one observed value is its own mean, and travels alone)."""
+        if self._loss_sum is None:
+            return
+        value = self._loss_sum if self._loss_count == 1 else self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
         self._loss = value
         self._loss_max = value if self._loss_max is None else torch.fmax(self._loss_max, value)
 
+    def begin_closure_step(self) -> None:
+        """``step(closure)`` was called: the gradients come once the closure has run. The LR scale is
+        applied now, for optimizers that read the LR before their first evaluation (LBFGS)."""
+        self._evaluations = 0
+        self.remedy.apply_lr(self.optimizer)
+
+    def closure_evaluated(self) -> None:
+        """The step's closure returned (forward and backward done): the first evaluation is guarded
+        and measured as a plain step's gradients are; later ones (LBFGS's) are guarded and clipped."""
+        self._evaluations += 1
+        if self._evaluations == 1:
+            self.before_step()
+        else:
+            self.guard_again()
+
+    def _present(self) -> tuple[list[int], list[Tensor], list[Tensor]]:
+        """The watched parameters that have a gradient now: (indices, gradients, parameters)."""
+        grads = [g for p in self.params if (g := p.grad) is not None]
+        if len(grads) == len(self.params):
+            return self._all, grads, self.params
+        present = [i for i, p in enumerate(self.params) if p.grad is not None]  # some got no gradient
+        return present, grads, [self.params[i] for i in present]
+
+    def _norms(self, grads: list[Tensor], layout: probe.Layout | None) -> Tensor:
+        split = self._split
+        if split is None:
+            return probe.l2_norms(grads, layout)
+        dense = probe.l2_norms(split.dense_of(grads), layout) if split.dense else None
+        return split.merge(dense, sparse.l2_norms(split.sparse_of(grads)))
+
+    def _stats(self, grads: list[Tensor], params: list[Tensor], layout: probe.Layout | None, with_min: bool) -> Tensor:
+        split = self._split
+        if split is None:
+            return probe.grad_stats(grads, params, layout, with_min=with_min)
+        dense = probe.grad_stats(split.dense_of(grads), split.dense_of(params), layout, with_min=with_min) if split.dense else None
+        return split.merge(dense, sparse.grad_stats(split.sparse_of(grads), split.sparse_of(params), with_min=with_min))
+
     def before_step(self) -> None:
+        if param_groups.signature(self.optimizer) != self._signature:
+            self._rescan()
         self.step += 1
         self._skipping = False
         self._before = None
         self._peer_commands = False
-        grads = [g for p in self.params if (g := p.grad) is not None]
-        if len(grads) == len(self.params):
-            present, params = self._all, self.params
-        else:  # some got no gradient
-            present = [i for i, p in enumerate(self.params) if p.grad is not None]
-            params = [self.params[i] for i in present]
+        self._close_loss()
+        present, grads, params = self._present()
         device = grads[0].device if grads else torch.device("cpu")
         commands = self.commands.take()
         sampled = bool(grads) and self.step % self.config.every == 0
@@ -106,13 +163,13 @@ class StepMonitor:
         remedy = self.remedy
         layout = self._layout_for(present, grads) if grads else None
 
-        stats = probe.grad_stats(grads, params, layout, with_min=detail) if sampled and self.per_layer else None
+        stats = self._stats(grads, params, layout, detail) if sampled and self.per_layer else None
         if stats is not None:
             norms = stats[:, probe.GRAD_NORM]
-        elif grads and (sampled or remedy.clipping_active or self.config.guard):
+        elif grads and (sampled or remedy.clipping_active or self.config.guard or self.config.max_grad_norm):
             # The guard's one read of the gradients: their L2 norms, which the spike guard, clipping
             # and the exported global norm need too (on CPU cheaper than a separate NaN/Inf check).
-            norms = probe.l2_norms(grads, layout)
+            norms = self._norms(grads, layout)
         else:
             norms = None
         # Non-finite exactly when some tensor's norm is: when one of its elements is, or its sum of
@@ -144,6 +201,7 @@ class StepMonitor:
                 ("loss", loss),
                 ("loss_max", None if loss_max is loss else loss_max),
                 ("clip_threshold", zclip),
+                ("loss_scale", self.loss_scale() if self.loss_scale is not None else None),
             )
             if value is not None
         ]
@@ -167,6 +225,8 @@ class StepMonitor:
             self.telemetry.record_peak("loss", values.get("loss_max", values["loss"]))
         if "clip_threshold" in values:
             updates["clip_threshold"] = values["clip_threshold"]
+        if "loss_scale" in values:
+            updates["loss_scale"] = values["loss_scale"]
         local_bad = not math.isfinite(values["global_norm"])
         if values.get("any_bad", local_bad):
             self.telemetry.update(**updates)
@@ -191,11 +251,79 @@ class StepMonitor:
         updates["grad_global_norm"] = values["global_norm"]
         self.telemetry.record_peak("grad_global_norm", values["global_norm"])
         if detail and self.per_layer:
-            self._before = (present, layout, probe.snapshot(params, layout))
+            self._snapshot(present, params, layout)
+        norms = self._clip_to_max(grads, norms)
         self._hold_spike(grads, norms, values["global_norm"], present)
         self._clip_and_scale(grads, norms, present)
         updates["learning_rates"] = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.telemetry.update(**updates)
+
+    def _clip_to_max(self, grads: list[Tensor], norms: Tensor) -> Tensor:
+        """``max_grad_norm``: clip the global norm as clip_grad_norm_ would, after the raw norms were
+        measured (and exported). Returns the norms of the clipped gradients, so that clipping after
+        it (the spike guard's, the watchdog's) composes: the tightest bound wins."""
+        if self.config.max_grad_norm is None:
+            return norms
+        return clipping.global_norm_(grads, norms, self.config.max_grad_norm)
+
+    def _snapshot(self, present: list[int], params: list[Tensor], layout: probe.Layout) -> None:
+        """Copies of the parameters with dense gradients, for this step's update ratio (sparse ones have none)."""
+        split = self._split
+        if split is not None:
+            if not split.dense:
+                return
+            present, params = split.dense_of(present), split.dense_of(params)
+        self._before = (present, layout, probe.snapshot(params, layout))
+
+    def guard_again(self) -> None:
+        """A later evaluation of this step's closure (LBFGS's line search): its gradients are guarded
+        and clipped too, without statistics. Non-finite ones end the step there: they are cleared, so
+        the optimizer sees a zero gradient, and the step counts as skipped."""
+        present, grads, _ = self._present()
+        if not grads or self._skipping:
+            self._clear_grads()
+            return
+        norms = self._norms(grads, self._layout_for(present, grads))
+        bad = (~torch.isfinite(torch.linalg.vector_norm(norms, dtype=_norm_dtype(norms.device)))).float()
+        if self.ranks.distributed and self.config.sync_ranks:
+            bad = distributed.any_rank(bad)  # every rank evaluates as often (DDP: the same gradients)
+        if bool(bad):  # host sync (later evaluations only)
+            self._skip(present, grads, local=bool(~torch.isfinite(norms).all()))
+            return
+        norms = self._clip_to_max(grads, norms)
+        if self.remedy.clipping_active:
+            self.remedy.clip(grads, norms, self.layer_map.module_unit[present].to(norms.device))
+
+    def _rescan(self) -> None:
+        """The optimizer's param groups changed since watch() (``add_param_group``): the new
+        parameters are watched, guarded and labelled from this step on."""
+        self._signature = param_groups.signature(self.optimizer)
+        try:
+            params, labels = param_groups.collect(self.model, self.optimizer)
+        except ValueError as exc:
+            self._warn.warning("rescan", "gradwatch: step %d: the new param groups are not watched: %s", self.step, exc)
+            return
+        known = {id(p) for p in self.params}
+        added = [label for p, label in zip(params, labels) if id(p) not in known]
+        self.params = params
+        self._all = list(range(len(params)))
+        self.layer_map = LayerMap(labels, [p.numel() for p in params], self.config.layers, self.config.top_k)
+        self.telemetry.update(depth=self.layer_map.depth())
+        # Indices into the old list mean nothing now.
+        self._layout = self._split = self._calm = self._ratio = self._before = None
+        log.info(
+            "gradwatch: step %d: the optimizer has %d param group(s) now; watching %d tensors, %d new: %s",
+            self.step + 1, len(self.optimizer.param_groups), len(params), len(added),
+            ", ".join(added[:8]) + (", ..." if len(added) > 8 else ""),
+        )
+
+    def skipped_by_scaler(self) -> None:
+        """GradScaler found Inf/NaN in the scaled gradients and did not call ``optimizer.step()``:
+        a step attempted all the same (counted, its losses closed), skipped for ``amp_overflow``."""
+        self.step += 1
+        self._close_loss()
+        self.telemetry.count("skipped", "amp_overflow")
+        self.telemetry.update(step=self.step)
 
     def _hold_spike(self, grads: list[Tensor], norms: Tensor, global_norm: float, present: list[int]) -> None:
         """Clip a finite spike to the guard's bound (unless remediation clipping already bounds the step)."""
@@ -234,16 +362,19 @@ class StepMonitor:
         """Remediation for an applied step: clip the (raw-measured) gradients, scale the LR."""
         if grads and norms is not None and self.remedy.clipping_active:
             self.remedy.clip(grads, norms, self.layer_map.module_unit[present].to(norms.device))
+        self.remedy.restore_lr(self.optimizer)  # a closure step applied the scale before this step's commands
         self.remedy.apply_lr(self.optimizer)
 
-    def _layout_for(self, present: list[int], grads: list[Tensor]) -> probe.Layout:
+    def _layout_for(self, present: list[int], grads: list[Tensor]) -> probe.Layout | None:
         """The probe's layout for this step's gradients: built again when other parameters
-        have gradients, or the model moved to another device."""
+        have gradients, or the model moved to another device. None when every gradient is sparse."""
         if self._layout is not None:
             had, device, layout = self._layout
             if had == present and device == grads[0].device:
                 return layout
-        layout = probe.Layout(grads)
+        self._split = SparseSplit.of(grads)
+        dense = grads if self._split is None else self._split.dense_of(grads)
+        layout = probe.Layout(dense) if dense else None
         self._layout = (present, grads[0].device, layout)
         return layout
 
@@ -260,7 +391,8 @@ class StepMonitor:
         """After a failure inside before_step: join this step's collective if it was not reached
         (so other ranks do not hang) and skip the step if any rank asked to. The probe's layout is
         built afresh next step, in case it no longer fits the gradients (one changed shape or device)."""
-        self._layout = None
+        self._layout = self._split = None
+        self.telemetry.update(step=self.step)  # the step was attempted, measured or not
         if self.ranks.distributed and self.config.sync_ranks and self._synced_step != self.step:
             device = next((p.grad.device for p in self.params if p.grad is not None), torch.device("cpu"))
             if self._sync(torch.zeros((), device=device), 0).item():
@@ -268,6 +400,10 @@ class StepMonitor:
                 self.telemetry.count("skipped", "nonfinite_peer")
 
     def after_step(self) -> None:
+        if self._evaluations == 0:  # a closure step whose closure never ran: attempted all the same
+            self.step += 1
+            self.telemetry.update(step=self.step)
+        self._evaluations = None
         self.remedy.restore_lr(self.optimizer)
         self.commands.after_step(self.step)
         if self._before is None or self._skipping:
@@ -313,5 +449,6 @@ class StepMonitor:
 
     def flush(self) -> None:
         """Move a pending observed loss to the host (at close, so the last value is not lost)."""
+        self._close_loss()
         if self._loss is not None:
             self.telemetry.update(loss=float(self._loss))
