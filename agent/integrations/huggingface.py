@@ -48,7 +48,7 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
         self.session = AgentSession(run, settings)
         self._handover: tuple[Any, float] | None = None  # (args, the Trainer's max_grad_norm) to give back
         self._hook = None
-        self._scheduler = None
+        self._scheduler = None  # the Trainer's LR scheduler, whose logged LR is made the applied one
         self._losses: list[torch.Tensor] = []
         self._summed = False  # the step's micro-batch losses are shares of one token-normalised loss
         self._drop = False
@@ -94,22 +94,7 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
             args.max_grad_norm = 0.0
         self._world = args.world_size if args.average_tokens_across_devices else 1
         self._hook = model.register_forward_hook(self._record_loss, with_kwargs=True)
-        if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
-            self._report_effective_lr(lr_scheduler)
-
-    def _report_effective_lr(self, scheduler) -> None:
-        """The Trainer (and W&B, TensorBoard through it) logs ``get_last_lr()[0]`` right after the step;
-        the agent scales the LR inside the step only, so the scheduler's own value is not what was applied."""
-        scheduled = scheduler.get_last_lr
-        session = self.session
-
-        def get_last_lr():
-            agent = session.agent
-            lrs = scheduled()
-            return lrs if agent is None else [agent.remedy.effective_lr(float(lr)) for lr in lrs]
-
-        scheduler.get_last_lr = get_last_lr
-        self._scheduler = scheduler
+        self._scheduler = lr_scheduler
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -119,9 +104,7 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._scheduler is not None:
-            del self._scheduler.get_last_lr  # the instance attribute set above; the class method again
-            self._scheduler = None
+        self._scheduler = None
         if self._handover is not None:
             args, value = self._handover
             args.max_grad_norm = value
@@ -165,6 +148,17 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
         if self._drop:
             self._drop = False
             self.session.drop_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        """Right after ``optimizer.step()``, just before the Trainer reads the LR it logs from the
+        scheduler's ``get_last_lr()``. The agent scales the LR inside the step only (the scheduler keeps
+        owning ``group["lr"]``), so the scheduler's value is not what the step applied after an LR cut:
+        its last LR is set to the applied one here, and its next ``step()`` replaces it as usual
+        (torch's schedulers only write ``_last_lr``, never read it to compute the next LR)."""
+        agent, scheduler = self.session.agent, self._scheduler
+        if agent is None or agent.remedy.lr_scale == 1.0 or not hasattr(scheduler, "_last_lr"):
+            return
+        scheduler._last_lr = [agent.remedy.effective_lr(float(g["lr"])) for g in self.session.optimizer.param_groups]
 
     def on_step_end(self, args, state, control, **kwargs):
         """The agent's requests, turned into the Trainer's own controls (acted on right after this hook)."""
