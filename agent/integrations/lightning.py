@@ -50,7 +50,7 @@ class GradwatchCallback(Callback):
 
     # -- attach and detach -----------------------------------------------------------------
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After Lightning's strategy has built the optimizers: attach to the first one."""
         optimizers = trainer.optimizers
         if not optimizers:
@@ -60,7 +60,7 @@ class GradwatchCallback(Callback):
             log.warning("gradwatch: %d optimizers configured; watching the first only", len(optimizers))
         self.session.attach(pl_module, optimizers[0], self._take_over_clipping(trainer))
 
-    def _take_over_clipping(self, trainer: "pl.Trainer") -> float | None:
+    def _take_over_clipping(self, trainer: pl.Trainer) -> float | None:
         value, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         if not value or algorithm not in (None, "norm"):  # None: Lightning's default, the norm
             if value:  # clipping by value stays Lightning's: exported norms are then post-clip
@@ -70,7 +70,7 @@ class GradwatchCallback(Callback):
         trainer.gradient_clip_val = None
         return float(value)
 
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.session.close()
@@ -78,17 +78,17 @@ class GradwatchCallback(Callback):
             trainer.gradient_clip_val, trainer.gradient_clip_algorithm = self._clip
             self._clip = None
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     # -- every batch -----------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """A batch the agent asks to skip drops the optimizer step it belongs to."""
         if self.session.should_skip():
             self._drop = True
 
-    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Each micro-batch's loss; the agent exports their mean per optimizer step. Under automatic
         optimization Lightning has divided it by ``accumulate_grad_batches`` for the backward: undone here,
         so the value is what ``training_step`` returned."""
@@ -99,12 +99,12 @@ class GradwatchCallback(Callback):
             loss = loss.detach() * trainer.accumulate_grad_batches
         agent.observe(loss=loss)
 
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self._drop and optimizer is self.session.optimizer:
             self._drop = False
             self.session.drop_step()
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         """The agent's requests, acted on between batches, where Lightning's loop state is consistent."""
         if self.session.take("checkpoint"):
             trainer.save_checkpoint(self._checkpoint_path(trainer))
@@ -113,7 +113,7 @@ class GradwatchCallback(Callback):
             trainer.should_stop = True
 
     @staticmethod
-    def _checkpoint_path(trainer: "pl.Trainer") -> str:
+    def _checkpoint_path(trainer: pl.Trainer) -> str:
         checkpoint = trainer.checkpoint_callback
         folder = getattr(checkpoint, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(folder, f"gradwatch-step={trainer.global_step}.ckpt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from gradwatch.agent.agent import Agent, watch
 
 log = logging.getLogger("gradwatch.agent")

@@ -14,12 +14,12 @@ from torch.utils.data import IterableDataset
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from gradwatch.agent.integrations.huggingface import GradwatchTrainerCallback  # noqa: E402
-from gradwatch.watchdog import metric_names as m  # noqa: E402
-from tests.agent.conftest import sample  # noqa: E402
-from tests.agent.integrations.conftest import global_norm, send  # noqa: E402
+from gradwatch.agent.integrations.huggingface import GradwatchTrainerCallback
+from gradwatch.watchdog import metric_names as m
+from tests.agent.conftest import sample
+from tests.agent.integrations.conftest import global_norm, send
 
 VOCAB, SEQ, HIDDEN, BATCH, ACCUM = 64, 8, 16, 2, 4
 
@@ -208,3 +208,20 @@ def test_stop_and_checkpoint_commands_use_the_trainers_controls(tmp_path, watchd
     assert trainer.state.global_step == 2  # stopped gracefully after the step the commands arrived at
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists()
     assert {a.status for a in watchdog.acks} == {"applied"}
+
+
+def test_a_micro_batch_the_agent_asks_to_skip_drops_its_optimizer_step(tmp_path):
+    """The hook point for rollback's skipped batches: ``agent.should_skip()`` is asked once per
+    micro-batch; a skipped one drops the optimizer step it belongs to (all its micro-batches)."""
+    gw = GradwatchTrainerCallback(run="hf", port=0)
+    asked = []
+
+    class Skipper(TrainerCallback):  # stands in for the agent's own should_skip(): the 10th micro-batch
+        def on_train_begin(self, args, state, control, **kwargs):
+            gw.agent.should_skip = lambda: asked.append(len(asked)) or len(asked) == 10
+
+    skipping = train(tmp_path / "a", 6, Stream(6), [gw, Skipper()])
+    reference = train(tmp_path / "b", 5, Stream(6, drop_step=3), [GradwatchTrainerCallback(run="ref", port=0)])
+    assert len(asked) == 6 * ACCUM
+    for (name, p), q in zip(skipping.model.named_parameters(), reference.model.parameters()):
+        assert torch.equal(p, q), name

@@ -12,13 +12,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from lightning.pytorch.utilities import grad_norm
 
-from gradwatch.agent.integrations.lightning import GradwatchCallback  # noqa: E402
-from gradwatch.watchdog import metric_names as m  # noqa: E402
-from tests.agent.conftest import sample  # noqa: E402
-from tests.agent.integrations.conftest import global_norm, send  # noqa: E402
-from tests.agent.models import MLP  # noqa: E402
+from gradwatch.agent.integrations.lightning import GradwatchCallback
+from gradwatch.watchdog import metric_names as m
+from tests.agent.conftest import sample
+from tests.agent.integrations.conftest import global_norm, send
+from tests.agent.models import MLP
 
 BATCH = 8
 
@@ -175,3 +175,21 @@ def test_state_rides_in_lightning_checkpoints_and_stop_checkpoint_commands(tmp_p
     fit(Regressor(), data(8), [resumed, Recorder(resumed, before_batch=lambda i: seen.append(
         (resumed.agent.step, sample(resumed.agent, m.LR_SCALE))))], tmp_path, ckpt_path=str(path))
     assert seen[0] == (4, 0.5)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_a_batch_the_agent_asks_to_skip_leaves_the_weights_untouched(tmp_path, manual):
+    """The hook point for rollback's skipped batches: ``agent.should_skip()`` is asked once per batch."""
+    skipping, reference = Regressor(manual=manual), Regressor(manual=manual)
+    gw = GradwatchCallback(run="pl", port=0)
+    asked = []
+
+    class Skipper(pl.Callback):  # stands in for the agent's own should_skip(): the 4th batch
+        def on_fit_start(self, trainer, pl_module):
+            gw.agent.should_skip = lambda: asked.append(len(asked)) or len(asked) == 4
+
+    fit(skipping, data(8), [gw, Skipper()], tmp_path / "a")
+    fit(reference, data(8, drop=(3,)), [GradwatchCallback(run="ref", port=0)], tmp_path / "b")
+    assert asked == list(range(8))
+    for (name, p), q in zip(skipping.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
