@@ -178,7 +178,8 @@ def test_watchdog_clipping_and_lr_cut_take_effect_and_the_trainer_logs_the_appli
         assert log["learning_rate"] == pytest.approx(lr, rel=1e-12), step  # the LR the step applied, not 2x
 
 
-def test_agent_state_rides_in_the_trainer_checkpoint_and_resumes(tmp_path, watchdog):
+@pytest.mark.parametrize("restore_callbacks", [False, True], ids=["default", "restore_callback_states"])
+def test_agent_state_rides_in_the_trainer_checkpoint_and_resumes(tmp_path, watchdog, restore_callbacks):
     first = GradwatchTrainerCallback(run="hf", port=0, watchdog_url=watchdog.url, poll_interval_s=0.05)
     recorder = Recorder(first, before_step=lambda step: step == 2 and send(watchdog, first.agent, [
         {"action": "lower_lr", "factor": 0.5},
@@ -187,12 +188,16 @@ def test_agent_state_rides_in_the_trainer_checkpoint_and_resumes(tmp_path, watch
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["GradwatchTrainerCallback"]["attributes"]["agent_state"]["step"] == 4
 
-    resumed = GradwatchTrainerCallback(run="hf", port=0)
     steps = []
+
+    class Probe(TrainerCallback):  # finds the attached callback: with restore_callback_states the Trainer rebuilds it
+        def on_step_begin(self, args, state, control, **kwargs):
+            gw = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GradwatchTrainerCallback))
+            steps.append((gw.agent.step, sample(gw.agent, m.LR_SCALE)))
+
     trainer = Trainer(
-        model=tiny_llama(), args=arguments(tmp_path, 6), train_dataset=Stream(6), data_collator=collate,
-        callbacks=[resumed, Recorder(resumed, before_step=lambda step: steps.append(
-            (resumed.agent.step, sample(resumed.agent, m.LR_SCALE))))],
+        model=tiny_llama(), args=arguments(tmp_path, 6, restore_callback_states_from_checkpoint=restore_callbacks),
+        train_dataset=Stream(6), data_collator=collate, callbacks=[GradwatchTrainerCallback(run="hf", port=0), Probe()],
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert steps[0] == (4, 0.5)  # the step count and the LR cut carried over
