@@ -9,7 +9,7 @@ warm-up steps left out, in process CPU time (other tenants of a shared machine d
 
 - Lightning: `grad_norm logging` is the documented way (``self.log_dict(grad_norm(self, 2))`` in
   ``on_before_optimizer_step``) with ``gradient_clip_val=1.0``; `gradwatch` is ``GradwatchCallback``
-  (default settings, the clipping handed over) instead of that logging.
+  (default settings, the clipping handed over) instead of that logging; `neither` only clips.
 - Hugging Face: the Trainer always measures its grad norm (its ``clip_grad_norm_`` with
   ``max_grad_norm=1.0``, logged every ``logging_steps``); `gradwatch` adds ``GradwatchTrainerCallback``
   (which takes the clipping over; the Trainer then measures with ``clip_grad_norm_(..., inf)``).
@@ -62,6 +62,8 @@ def lightning_rounds(rounds: int, steps: int, warmup: int, tmp: str) -> dict[str
 
     from gradwatch.agent.integrations.lightning import GradwatchCallback
 
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # after the import, which sets it
+
     class Net(pl.LightningModule):
         def __init__(self, log_norms: bool) -> None:
             super().__init__()
@@ -93,6 +95,7 @@ def lightning_rounds(rounds: int, steps: int, warmup: int, tmp: str) -> dict[str
     variants = {
         "grad_norm logging": lambda: (Net(log_norms=True), []),
         "gradwatch": lambda: (Net(log_norms=False), [GradwatchCallback(run="bench-pl", port=0)]),
+        "neither (clipping only)": lambda: (Net(log_norms=False), []),
     }
 
     def one(key: str) -> float:

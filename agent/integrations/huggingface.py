@@ -46,7 +46,7 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
 
     def __init__(self, run: str, **settings: Any) -> None:
         self.session = AgentSession(run, settings)
-        self._handover: tuple[Any, float] | None = None  # (args, the Trainer's max_grad_norm) to give back
+        self._handover: tuple[Any, float] | None = None  # (args, the Trainer's max_grad_norm), handed over per step
         self._hook = None
         self._scheduler = None  # the Trainer's LR scheduler, whose logged LR is made the applied one
         self._losses: list[torch.Tensor] = []
@@ -86,12 +86,12 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
         if optimizer is None or model is None:
             log.warning("gradwatch: the Trainer passed no model/optimizer to on_train_begin; nothing watched")
             return
+        self.close()  # still attached after a train() that raised
         self.session.load_state_dict(self._saved_state(state))
         clip = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self.session.attach(model, _inner_optimizer(optimizer), clip)
-        if clip is not None:  # the Trainer still measures the norm it logs, with clip_grad_norm_(..., inf)
+        if clip is not None:
             self._handover = (args, args.max_grad_norm)
-            args.max_grad_norm = 0.0
         self._world = args.world_size if args.average_tokens_across_devices else 1
         self._hook = model.register_forward_hook(self._record_loss, with_kwargs=True)
         self._scheduler = lr_scheduler
@@ -125,7 +125,11 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
             self._summed = kwargs.get("num_items_in_batch") is not None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        """Before the first micro-batch of an optimizer step."""
+        """Before the first micro-batch of an optimizer step. The Trainer's clipping is off from here to
+        the end of the step (it then only measures the norm it logs, with ``clip_grad_norm_(..., inf)``),
+        and on again at ``on_step_end``, so the arguments it saves with a checkpoint are the user's."""
+        if self._handover is not None:
+            self._handover[0].max_grad_norm = 0.0
         self._losses = []
         self._check_skip()
 
@@ -162,6 +166,9 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         """The agent's requests, turned into the Trainer's own controls (acted on right after this hook)."""
+        if self._handover is not None:
+            args, value = self._handover
+            args.max_grad_norm = value
         if self.session.take("checkpoint"):
             control.should_save = True
         if self.session.take("stop"):

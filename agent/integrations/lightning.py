@@ -52,6 +52,7 @@ class GradwatchCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After Lightning's strategy has built the optimizers: attach to the first one."""
+        self.teardown(trainer, pl_module, "fit")  # still attached after an earlier fit that did not end cleanly
         optimizers = trainer.optimizers
         if not optimizers:
             log.warning("gradwatch: the LightningModule configured no optimizer; nothing to watch")

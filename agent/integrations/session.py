@@ -24,8 +24,6 @@ class AgentSession:
     """
 
     def __init__(self, run: str, settings: dict) -> None:
-        if "max_grad_norm" in settings and settings["max_grad_norm"] is not None:
-            settings = {**settings, "max_grad_norm": float(settings["max_grad_norm"])}
         self.run = run
         self.settings = settings
         self.agent: Agent | None = None

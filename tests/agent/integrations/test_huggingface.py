@@ -187,6 +187,8 @@ def test_agent_state_rides_in_the_trainer_checkpoint_and_resumes(tmp_path, watch
     train(tmp_path, 4, Stream(6), [first, recorder], save_strategy="steps", save_steps=4)
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["GradwatchTrainerCallback"]["attributes"]["agent_state"]["step"] == 4
+    # the arguments saved with the checkpoint are the user's: the hand-over of max_grad_norm does not leak into them
+    assert torch.load(tmp_path / "checkpoint-4" / "training_args.bin", weights_only=False).max_grad_norm == 1.0
 
     steps = []
 
