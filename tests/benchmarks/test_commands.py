@@ -39,3 +39,11 @@ def test_command_latency_prints_each_stage():
     out = bench("command_latency.py", "--repeats", "1", "--interval", "0.5")
     for stage in ("bad step → alert firing", "decided → fetched by the agent's poll", "bad step → applied"):
         assert stage in out
+
+
+def test_adapter_overhead_prints_both_frameworks_ratios():
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    out = bench("adapter_overhead.py", "--quick", "--steps", "8")
+    assert "ratio to the framework's own grad-norm logging" in out
+    assert "lightning    gradwatch" in out and "huggingface  gradwatch" in out
