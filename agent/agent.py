@@ -20,6 +20,7 @@ from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.params import check_model, collect, unwrap_optimizer
 from gradwatch.agent.monitor import StepMonitor
 from gradwatch.agent.remedy import Bounds, Remediation
+from gradwatch.agent.scaler import ScalerWatch
 from gradwatch.agent.server import MetricsServer
 from gradwatch.agent.telemetry import Telemetry
 from gradwatch.agent.throttle import Throttled
@@ -40,7 +41,9 @@ class Agent:
     the hooks and stops the endpoint, leaving the optimizer as it was.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: AgentConfig) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: AgentConfig, scaler: object = None
+    ) -> None:
         # Every check comes before anything is attached: a refused watch() leaves nothing behind.
         model = check_model(model)
         optimizer = unwrap_optimizer(optimizer)
@@ -64,8 +67,13 @@ class Agent:
         """Calls of the optimizer's step() so far (GradScaler's skips are told apart by it)."""
         self._server: MetricsServer | None = None
         self.control: ControlClient | None = None
+        self._scaler: ScalerWatch | None = None
         try:
             self._attach(model, optimizer, params, names)
+            if scaler is not None:
+                self._scaler = ScalerWatch(scaler, lambda: self.entered, self.monitor.skipped_by_scaler)
+                self.monitor.loss_scale = self._scaler.scale
+                self.telemetry.count("skipped", "amp_overflow", 0)  # the series exists from the start
         except BaseException:
             self._release()  # the port, the control thread, any hook: a retry starts from nothing
             raise
@@ -139,7 +147,9 @@ class Agent:
         return self.monitor.step
 
     def observe(self, loss=None) -> None:
-        """Report this step's loss (a tensor stays on its device; no sync here)."""
+        """Report a loss (a tensor stays on its device; no sync here). Call it once per micro-batch under
+        gradient accumulation: the loss exported for an optimizer step is the mean of the values
+        observed since the previous step (observed inside a step's closure, it counts for that step)."""
         if loss is not None:
             self.monitor.observe_loss(loss)
 
@@ -221,6 +231,9 @@ class Agent:
             handle.remove()
         self._handles = []
         _watched.discard(self._optimizer)
+        if self._scaler is not None:
+            self._scaler.close()
+            self._scaler = None
         if _identities.get((self.config.run, self.ranks.rank)) is self:
             del _identities[(self.config.run, self.ranks.rank)]
         if self.control is not None:
@@ -237,7 +250,9 @@ class Agent:
         self.close()
 
 
-def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: str, **settings) -> Agent:
+def watch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: str, *, scaler: object = None, **settings
+) -> Agent:
     """Attach gradwatch to an unmodified training loop and start its /metrics endpoint.
 
     ``optimizer`` may be a framework's wrapper of a torch optimizer (accelerate's AcceleratedOptimizer,
@@ -245,5 +260,9 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, run: str, **
     :class:`~gradwatch.agent.config.AgentConfig` fields (``every``, ``port``, ...); a bad one, a
     ``model`` that is not a module or an ``optimizer`` that is not one raises ``ValueError`` naming
     it before anything is attached.
+
+    ``scaler``: the ``torch.amp.GradScaler`` stepping this optimizer, if any: its skips are then counted
+    (``gradwatch_skipped_steps_total{reason="amp_overflow"}``, and in ``gradwatch_step``) and its loss
+    scale exported (``gradwatch_loss_scale``).
     """
-    return Agent(model, optimizer, build_config(run, settings))
+    return Agent(model, optimizer, build_config(run, settings), scaler=scaler)

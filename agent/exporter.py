@@ -70,6 +70,8 @@ class GradwatchCollector(Collector):
         yield self._gauge(m.CLIPPING_ACTIVE, "1 while gradwatch clips gradients.", float(v.clipping_active))
         if v.clip_threshold is not None:
             yield self._gauge(m.CLIP_THRESHOLD, "Current clipping threshold.", v.clip_threshold)
+        if v.loss_scale is not None:
+            yield self._gauge(m.LOSS_SCALE, "GradScaler's loss scale at the latest measured step.", v.loss_scale)
         yield from self._layer_families(v)
         yield from self._counters(v)
 

@@ -56,8 +56,9 @@ def signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
 
 
 def collect(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[str]]:
-    """The optimizer's parameters with elements, in param-group order, and their canonical labels
-    (a parameter the model does not hold is labelled ``group{g}.param{i}``)."""
+    """The optimizer's parameters with elements and their canonical labels, in model order (so
+    `gradwatch_layer_depth` runs from input to output whatever the order of the param groups); a
+    parameter the model does not hold is labelled ``group{g}.param{i}`` and comes last."""
     names = canonical_names(model)
     if not names:
         raise ValueError("gradwatch.watch: the model has no parameters to watch")
@@ -77,6 +78,8 @@ def collect(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[l
     # A parameter with no elements has no gradient values to measure or guard (and would make every
     # reduction of its statistics fail): it gets no layer label. A skipped step still clears its gradient.
     kept = [(p, label) for p, label in zip(params, labels) if p.numel() > 0]
+    position = {key: i for i, key in enumerate(names)}
+    kept.sort(key=lambda item: position.get(id(item[0]), len(position)))
     if not kept:
         raise ValueError("gradwatch.watch: every parameter the optimizer holds has zero elements; nothing to watch")
     return [p for p, _ in kept], [label for _, label in kept]

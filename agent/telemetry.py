@@ -33,6 +33,7 @@ class View:
     lr_scale: float = 1.0
     clipping_active: bool = False
     clip_threshold: float | None = None
+    loss_scale: float | None = None  # GradScaler's scale at the latest measured step, when watched
     layers: Mapping[str, LayerValues] = field(default_factory=dict)  # replaced whole, never changed: shared
     update_ratio: dict[str, float] = field(default_factory=dict)
     depth: dict[str, int] = field(default_factory=dict)
@@ -97,6 +98,7 @@ class Telemetry:
                 lr_scale=v.lr_scale,
                 clipping_active=v.clipping_active,
                 clip_threshold=v.clip_threshold,
+                loss_scale=v.loss_scale,
                 layers=v.layers,
                 update_ratio=dict(v.update_ratio),
                 depth=v.depth,

@@ -26,6 +26,7 @@ SKIPPED_STEPS_TOTAL = "gradwatch_skipped_steps_total"  # {reason}
 SPIKE_CLIPPED_STEPS_TOTAL = "gradwatch_spike_clipped_steps_total"  # guard clipped a finite norm spike
 CLIPPING_ACTIVE = "gradwatch_clipping_active"
 CLIP_THRESHOLD = "gradwatch_clip_threshold"
+LOSS_SCALE = "gradwatch_loss_scale"  # GradScaler's scale (watch(..., scaler=)); skips: SKIPPED_STEPS_TOTAL{reason="amp_overflow"}
 COMMANDS_APPLIED_TOTAL = "gradwatch_commands_applied_total"  # {action}
 
 PER_LAYER = (GRAD_NORM, GRAD_ABS_MEAN, GRAD_ABS_MAX, GRAD_ABS_MIN, PARAM_NORM, UPDATE_RATIO)
