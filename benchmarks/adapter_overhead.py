@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "clock": "process CPU time (time.process_time)",
     })))
     print(f"method:   {rounds} interleaved rounds per framework, {steps} optimizer steps per fit, first {warmup} left out")
+    print("models:   lightning: 8x Linear(256,256)+Tanh MLP, batch 256, Adam; huggingface: Llama, 4 layers, hidden 128, "
+          "seq 64, batch 8, AdamW")
 
     table: list[list[str]] = []
     runners = {"lightning": lightning_rounds, "huggingface": huggingface_rounds}

@@ -62,7 +62,8 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
     # -- saved in trainer_state.json -------------------------------------------------------
 
     def state(self) -> dict:
-        return {"args": {"run": self.session.run, **self.session.settings}, "attributes": {"agent_state": self.session.state_dict()}}
+        settings = {k: v for k, v in self.session.settings.items() if k != "scaler"}  # an object, not JSON
+        return {"args": {"run": self.session.run, **settings}, "attributes": {"agent_state": self.session.state_dict()}}
 
     @property
     def agent_state(self) -> dict | None:
@@ -89,7 +90,7 @@ class GradwatchTrainerCallback(TrainerCallback, ExportableState):
         self.close()  # still attached after a train() that raised
         self.session.load_state_dict(self._saved_state(state))
         clip = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
-        self.session.attach(model, _inner_optimizer(optimizer), clip)
+        self.session.attach(model, _inner_optimizer(optimizer), clip, scaler=getattr(optimizer, "scaler", None))
         if clip is not None:
             self._handover = (args, args.max_grad_norm)
         self._world = args.world_size if args.average_tokens_across_devices else 1

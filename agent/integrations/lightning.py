@@ -59,7 +59,8 @@ class GradwatchCallback(Callback):
             return
         if len(optimizers) > 1:
             log.warning("gradwatch: %d optimizers configured; watching the first only", len(optimizers))
-        self.session.attach(pl_module, optimizers[0], self._take_over_clipping(trainer))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # "16-mixed": Lightning's GradScaler
+        self.session.attach(pl_module, optimizers[0], self._take_over_clipping(trainer), scaler=scaler)
 
     def _take_over_clipping(self, trainer: pl.Trainer) -> float | None:
         value, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm

@@ -31,9 +31,12 @@ class AgentSession:
         self._pending_state: dict | None = None
         self._requests: set[str] = set()
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, framework_clip: float | None) -> Agent:
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, framework_clip: float | None, scaler=None
+    ) -> Agent:
         """Watch ``optimizer`` (the framework's, unwrapped). ``framework_clip``: the framework's own
-        global-norm clipping, handed over to gradwatch (which then clips after measuring the raw norms)."""
+        global-norm clipping, handed over to gradwatch (which then clips after measuring the raw norms).
+        ``scaler``: the framework's fp16 GradScaler, if any (its skips and loss scale are exported)."""
         settings = dict(self.settings)
         explicit = settings.get("max_grad_norm")
         if framework_clip is not None:
@@ -43,7 +46,7 @@ class AgentSession:
                     f"{framework_clip:g}; set one of them (gradwatch takes over the trainer's clipping)"
                 )
             settings["max_grad_norm"] = framework_clip
-        self.agent = watch(model, optimizer, run=self.run, **settings)
+        self.agent = watch(model, optimizer, run=self.run, scaler=settings.pop("scaler", scaler), **settings)
         self.optimizer = optimizer
         self.agent.on_stop(lambda step: self._requests.add("stop"))
         self.agent.on_checkpoint(lambda step: self._requests.add("checkpoint"))

@@ -88,6 +88,7 @@ class Recorder(pl.Callback):
                 "norm": sample(agent, m.GRAD_GLOBAL_NORM),
                 "loss": sample(agent, m.LOSS),
                 "skipped": sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") or 0,
+                "amp_overflow": sample(agent, m.SKIPPED_STEPS_TOTAL, reason="amp_overflow") or 0,
             })
 
 
@@ -193,3 +194,25 @@ def test_a_batch_the_agent_asks_to_skip_leaves_the_weights_untouched(tmp_path, m
     assert asked == list(range(8))
     for (name, p), q in zip(skipping.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_lightning_grad_scaler_skips_are_counted(tmp_path):
+    """16-mixed: Lightning's GradScaler is handed to the agent (fp16 autocast on CPU, as on GPU)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients at first: steps skipped
+    scales = []
+
+    class Scale(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            scales.append(scaler.get_scale())
+
+    gw = GradwatchCallback(run="pl", port=0)
+    recorder = Recorder(gw)
+    fit(Regressor(), data(6), [gw, recorder, Scale()], tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    scales.append(scaler.get_scale())
+    overflows = sum(after < before for before, after in zip(scales, scales[1:]))
+    assert overflows > 0
+    assert recorder.exported[-1]["amp_overflow"] == overflows
+    assert len(recorder.exported) == 6  # gradwatch_step counts every step attempted, skipped ones included
+
