@@ -1,11 +1,13 @@
 """What happens around each optimizer step: the guard's decision, sampled statistics, the update ratio.
 
 ``before_step`` runs in the optimizer's step pre-hook (after AMP unscaling, before
-the update), ``after_step`` in its post-hook. Device work is queued without syncs;
+the update) or, for ``step(closure)``, right after the closure returns (the pre-hook
+wraps the closure); ``after_step`` runs in its post-hook. Device work is queued without syncs;
 the single host transfer of a step is marked below. Non-finite steps are turned
 into no-ops by clearing every gradient: optimizers skip parameters whose ``grad``
 is None, so parameters and optimizer state (Adam's moments and step count) stay
-bit-identical, and GradScaler's own skip never reaches this code (no double count).
+bit-identical, and GradScaler's own skip never reaches this code (no double count;
+agent/scaler.py counts it when the scaler is given to watch()).
 """
 
 from __future__ import annotations

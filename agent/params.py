@@ -28,26 +28,36 @@ def unwrap_optimizer(optimizer: object) -> torch.optim.Optimizer:
             "gradwatch.watch: optimizer is None; pass the torch.optim.Optimizer that steps this model "
             "(under a framework that builds it lazily, attach once it exists)"
         )
+    # A wrapper is unwrapped even when it subclasses Optimizer: AcceleratedOptimizer does, without
+    # Optimizer.__init__ (so it has no hook dicts of its own), and steps the optimizer inside.
     found = optimizer
     for _ in range(_MAX_DEPTH):
-        if isinstance(found, torch.optim.Optimizer):
-            return found
-        inner = None
-        for attr in _INNER:
-            try:
-                inner = getattr(found, attr, None)
-            except Exception:  # a property of an arbitrary object may raise anything
-                inner = None
-            if inner is not None and inner is not found:
-                break
-            inner = None
+        inner = _inner(found)
         if inner is None:
             break
         found = inner
+    if isinstance(found, torch.optim.Optimizer):
+        return found
     raise ValueError(
         f"gradwatch.watch: optimizer must be a torch.optim.Optimizer or a wrapper holding one "
         f"(accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer); got {type(optimizer).__name__}"
     )
+
+
+def _inner(wrapper: object, depth: int = _MAX_DEPTH) -> object | None:
+    """The object ``wrapper`` holds that is, or leads to, a torch optimizer (None when none)."""
+    if depth == 0:
+        return None
+    for attr in _INNER:
+        try:
+            inner = getattr(wrapper, attr, None)
+        except Exception:  # a property of an arbitrary object may raise anything
+            continue
+        if inner is not None and inner is not wrapper and (
+            isinstance(inner, torch.optim.Optimizer) or _inner(inner, depth - 1) is not None
+        ):
+            return inner
+    return None
 
 
 def signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:

@@ -183,10 +183,14 @@ class Hooks:
 
 
 class AgentHooks(Hooks):
+    _made = 0
+
     def __init__(self, model, optimizer, **settings) -> None:
         import gradwatch.agent
 
-        self.agent = gradwatch.agent.watch(model, optimizer, run="bench", port=0, **settings)
+        # The variants' agents live side by side: one run name each (one process refuses two agents of one run and rank).
+        AgentHooks._made += 1
+        self.agent = gradwatch.agent.watch(model, optimizer, run=f"bench-{AgentHooks._made}", port=0, **settings)
 
     def pre_step(self, loss):
         self.agent.observe(loss=loss)  # as in the quickstart: the loss rides this step's transfer

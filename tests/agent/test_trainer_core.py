@@ -52,6 +52,37 @@ class WrappedOptimizer:
         return self._inner.step(closure)
 
 
+class OptimizerSubclassWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer: a torch.optim.Optimizer subclass that never runs
+    Optimizer.__init__ (no hook dicts of its own) and steps the optimizer it holds."""
+
+    def __init__(self, optimizer):  # no super().__init__(), as AcceleratedOptimizer
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad()
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def lightning_optimizer(optimizer):
+    module = pytest.importorskip("lightning.pytorch.core.optimizer")
+    return module.LightningOptimizer(optimizer)
+
+
+WRAPPERS = {
+    "attribute_optimizer": lambda o: WrappedOptimizer(o, "optimizer"),
+    "attribute__optimizer": lambda o: WrappedOptimizer(o, "_optimizer"),
+    "optimizer_subclass": OptimizerSubclassWrapper,
+    "lightning": lightning_optimizer,
+}
+
+
 # -- (a) wrapped optimizers and bad input -------------------------------------------------------
 
 
@@ -69,18 +100,21 @@ def test_bad_input_raises_naming_the_argument_before_anything_is_attached():
     gradwatch.agent.watch(model, opt, run="bad", port=port).close()  # nothing kept the port or the identity
 
 
-@pytest.mark.parametrize("attr", ["optimizer", "_optimizer"])
-def test_wrapped_optimizer_is_unwrapped_and_guarded(attach, attr):
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_wrapped_optimizer_is_unwrapped_and_guarded(attach, wrapper):
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)
-    opt = WrappedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), attr)
+    inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = WRAPPERS[wrapper](inner)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     agent = attach(model, opt, every=1)
+    assert len(inner._optimizer_step_pre_hooks) == 1
+    step = inner.step if wrapper == "lightning" else opt.step  # LightningOptimizer.step needs a Trainer
     for i, inputs in enumerate(batches(model, 8)):
-        opt.zero_grad()
+        inner.zero_grad()
         loss_of(model, poison(inputs) if i == 4 else inputs).backward()
-        opt.step()
+        step()
         if i != 4:
             ref_opt.zero_grad()
             loss_of(reference, inputs).backward()
@@ -234,6 +268,32 @@ def test_lbfgs_closure_is_guarded_at_every_evaluation(attach):
     assert_same_weights(model, reference)
     assert sample(agent, m.SKIPPED_STEPS_TOTAL, reason="nonfinite") == 1
     assert sample(agent, m.STEP) == 6
+
+
+def test_lr_scale_applies_once_to_a_closure_step(attach):
+    """The scale is applied before the closure (for LBFGS) and again after this step's commands:
+    never twice, and the scheduler's LR is given back after the step."""
+    from gradwatch.watchdog.schema import LowerLR
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = attach(model, opt, every=1)
+    agent.remedy.apply(LowerLR(factor=0.5))
+    inputs = batches(model, 1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, inputs)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    for p, w in zip(model.parameters(), before):
+        torch.testing.assert_close(p, w - 0.05 * p.grad)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert sample(agent, m.LEARNING_RATE, group="0") == pytest.approx(0.05)
 
 
 # -- (c) clipping handed to gradwatch: max_grad_norm ----------------------------------------------
