@@ -203,16 +203,21 @@ class Remediation:
         self._saved_lrs = []
         for group in optimizer.param_groups:
             lr = group["lr"]
-            scheduled = float(lr)
-            effective = scheduled * self.lr_scale
-            if self.min_lr is not None:
-                effective = max(effective, min(self.min_lr, scheduled))
+            effective = self.effective_lr(float(lr))
             if isinstance(lr, Tensor):
                 self._saved_lrs.append(lr.clone())
                 lr.fill_(effective)
             else:
                 self._saved_lrs.append(lr)
                 group["lr"] = effective
+
+    def effective_lr(self, scheduled: float) -> float:
+        """The LR a step applies when the scheduler set ``scheduled``: × scale, never below min_lr
+        unless the schedule itself is (what trainers should log as the LR)."""
+        effective = scheduled * self.lr_scale
+        if self.min_lr is not None:
+            effective = max(effective, min(self.min_lr, scheduled))
+        return effective
 
     def restore_lr(self, optimizer: torch.optim.Optimizer) -> None:
         """After the step: give the scheduler back exactly what it set."""

@@ -47,3 +47,11 @@ def test_remediation_quality_runs_its_cases_in_the_closed_loop():
         assert case in out
     for goal in ("healthy runs with a lasting remediation", "pathologies alerted", "median onset -> held gradient"):
         assert goal in out
+
+
+def test_adapter_overhead_prints_both_frameworks_ratios():
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    out = bench("adapter_overhead.py", "--quick", "--steps", "8")
+    assert "ratio to the framework's own grad-norm logging" in out
+    assert "lightning    gradwatch" in out and "huggingface  gradwatch" in out
