@@ -6,7 +6,8 @@ import logging
 import os
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -19,12 +20,15 @@ from gradwatch.agent.exporter import GradwatchCollector
 from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.monitor import StepMonitor
 from gradwatch.agent.remedy import Bounds, Remediation
+from gradwatch.agent.rollback import Rollbacks, agent_state, load_agent_state
 from gradwatch.agent.server import MetricsServer
+from gradwatch.agent.snapshots import SnapshotRing
 from gradwatch.agent.telemetry import Telemetry
 from gradwatch.watchdog.schema import Registration, read_secret
 
 log = logging.getLogger("gradwatch.agent")
 
+T = TypeVar("T")
 _watched: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
@@ -67,6 +71,10 @@ class Agent:
         params, names = _named_optimizer_params(model, optimizer)
         self.config = config
         self.ranks = distributed.rank_info()
+        ring = None  # built first: a budget that cannot hold one snapshot is refused before anything is attached
+        if config.snapshots is not None:
+            ring = SnapshotRing(config.snapshots, model, optimizer, lambda: agent_state(self.monitor, self.remedy),
+                                lambda state: load_agent_state(self.monitor, self.remedy, state))
         self.layer_map = LayerMap(names, [p.numel() for p in params], config.layers, config.top_k)
         self.telemetry = Telemetry(self.layer_map.depth())
         self.remedy = Remediation(
@@ -85,6 +93,8 @@ class Agent:
         self.monitor = StepMonitor(
             params, self.layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands
         )
+        self.rollbacks = Rollbacks(ring, self.remedy, self.ranks, self._restore_step)
+        self.commands.rollbacks = self.rollbacks
         self._optimizer = optimizer
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
@@ -118,6 +128,28 @@ class Agent:
         """Run ``callback(step)`` when a `stop` command arrives (e.g. set a flag the loop checks to end gracefully)."""
         self.commands.callbacks["stop"].append(callback)
 
+    def on_rollback(self, callback: Callable[[int], int]) -> None:
+        """Without snapshots: ``callback(step)`` loads the user's checkpoint at or before ``step`` (model,
+        optimizer, scheduler) when a `rollback` command arrives, and returns the step it loaded."""
+        self.rollbacks.callbacks.append(callback)
+
+    def should_skip(self) -> bool:
+        """Call once per batch before training on it; True for the batches a rollback asked to skip::
+
+            for batch in loader:
+                if agent.should_skip():
+                    continue
+        """
+        return self.rollbacks.should_skip()
+
+    def skipping(self, batches: Iterable[T]) -> Iterator[T]:
+        """``for batch in agent.skipping(loader):`` — the same as calling :meth:`should_skip` per batch."""
+        return self.rollbacks.skipping(batches)
+
+    def _restore_step(self, step: int) -> None:
+        self.monitor.step = step
+        self.telemetry.update(step=step)
+
     @property
     def url(self) -> str:
         """The metrics endpoint, e.g. ``http://127.0.0.1:9465/metrics``."""
@@ -146,6 +178,7 @@ class Agent:
     def _post_hook(self, optimizer, args, kwargs) -> None:
         try:
             self.monitor.after_step()
+            self.rollbacks.after_step(self.monitor.step, held=self.monitor.held)
         except Exception:
             log.exception("gradwatch: step %d: measuring the update failed", self.monitor.step)
 

@@ -71,6 +71,7 @@ class StepMonitor:
         self._before: tuple[list[int], probe.Layout, list] | None = None
         self._layout: tuple[list[int], torch.device, probe.Layout] | None = None  # for the present gradients
         self._skipping = False
+        self.held = False
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
         self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
@@ -91,6 +92,7 @@ class StepMonitor:
     def before_step(self) -> None:
         self.step += 1
         self._skipping = False
+        self.held = False  # the guard skipped or clipped this step (no snapshot of it)
         self._before = None
         self._peer_commands = False
         grads = [g for p in self.params if (g := p.grad) is not None]
@@ -126,6 +128,13 @@ class StepMonitor:
             commands = self.commands.broadcast(commands)
         if commands:
             self.commands.apply(commands, self.step)
+            if self.commands.rolled_back:  # these gradients belong to the state just abandoned
+                self.commands.rolled_back = False
+                self._skipping = True
+                self._clear_grads()
+                self.telemetry.count("skipped", "rollback")
+                self.telemetry.update(step=self.step)
+                return
         if norms is None:
             self.telemetry.update(step=self.step)
             self._clip_and_scale(grads, norms, present)
@@ -202,6 +211,7 @@ class StepMonitor:
         if self.spikes is None:
             return
         bound = self.spikes.bound()
+        self.held = bound is not None and global_norm > bound
         if bound is None or global_norm <= bound or self.remedy.clipping_active:
             self.spikes.record(global_norm)
             self._calm = (present, norms)  # a reference to this step's norms, no copy: for the next spike's report
@@ -280,7 +290,7 @@ class StepMonitor:
 
     def _skip(self, present: list[int], grads: list[Tensor], local: bool) -> None:
         """Turn this optimizer step into a no-op and account for it."""
-        self._skipping = True
+        self._skipping = self.held = True
         counts = self.layer_map.fold_counts(present, probe.nonfinite_counts(grads).cpu()) if local else {}
         self._clear_grads()
         reason = "nonfinite" if local else "nonfinite_peer"
