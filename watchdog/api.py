@@ -28,6 +28,7 @@ from gradwatch.watchdog.api_models import (
 )
 from gradwatch.watchdog.api_auth import signed_request
 from gradwatch.watchdog.api_commands import commands_router
+from gradwatch.watchdog.api_incidents import incidents_router
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import Service
 from gradwatch.watchdog.store import MAX_LIMIT
@@ -127,7 +128,7 @@ def ops_router(service: Service) -> APIRouter:
 
 
 ROUTERS: Sequence[Callable[[Service], APIRouter]] = (
-    runs_router, commands_router, alerts_router, audit_router, rules_router, ops_router,
+    runs_router, commands_router, alerts_router, audit_router, rules_router, ops_router, incidents_router,
 )
 """Every endpoint group, each built over the service."""
 

@@ -37,6 +37,7 @@ from gradwatch.watchdog.alert import Alert, AlertState
 from gradwatch.watchdog.commands import CommandService
 from gradwatch.watchdog.config_file import ConfigError, WatchdogConfig, load_config
 from gradwatch.watchdog.engine import EvalResult, RuleEngine, RuleHealth
+from gradwatch.watchdog.incidents import IncidentRecorder, with_incident_link
 from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
@@ -179,6 +180,7 @@ class Service:
             self.dispatcher = self._build_dispatcher(self.config)
             self.commands = CommandService(self.store, settings.command_secret(), settings.command_limits(), clock)
             self.remediator = Remediator(self.commands, self._policies)
+            self.incidents = IncidentRecorder(self.store)
         except BaseException:
             if self._owns_store:
                 self.store.close()
@@ -270,8 +272,9 @@ class Service:
             alerts = self.engine.alerts()
             health = self.engine.health()
             self._record(now, result, alerts, health)
-            self.dispatcher.submit(to_send, now)
+            self.dispatcher.submit([with_incident_link(a, self.external_url) for a in to_send], now)
             self.remediator.decide(alerts, now)
+            self._observe_incidents(now, alerts)
         if now - self._last_prune >= PRUNE_EVERY_S:
             self.samples.drop_older_than(now - self.samples.max_age_s)
             self._last_prune = now
@@ -292,6 +295,12 @@ class Service:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("source round failed: %s", error)
             return 0, {}, error
+
+    def _observe_incidents(self, now: float, alerts: list[Alert]) -> None:
+        try:
+            self.incidents.observe(now, alerts, self.samples)
+        except Exception:  # the record is for people; the watching goes on without it
+            log.exception("cannot update the incident records")
 
     def _record_progress(self, now: float) -> None:
         """Persist when each registered run was last seen and its step (one transaction)."""
