@@ -178,7 +178,7 @@ class Agent:
     def _post_hook(self, optimizer, args, kwargs) -> None:
         try:
             self.monitor.after_step()
-            self.rollbacks.after_step(self.monitor.step, held=self.monitor.held)
+            self.rollbacks.after_step(self.monitor.step, self.monitor.held, self.monitor.global_norm)
         except Exception:
             log.exception("gradwatch: step %d: measuring the update failed", self.monitor.step)
 

@@ -72,6 +72,7 @@ class StepMonitor:
         self._layout: tuple[list[int], torch.device, probe.Layout] | None = None  # for the present gradients
         self._skipping = False
         self.held = False
+        self.global_norm = None
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
         self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
@@ -93,6 +94,7 @@ class StepMonitor:
         self.step += 1
         self._skipping = False
         self.held = False  # the guard skipped or clipped this step (no snapshot of it)
+        self.global_norm: float | None = None  # this step's, once measured (for the snapshots' own judgement)
         self._before = None
         self._peer_commands = False
         grads = [g for p in self.params if (g := p.grad) is not None]
@@ -211,7 +213,7 @@ class StepMonitor:
         if self.spikes is None:
             return
         bound = self.spikes.bound()
-        self.held = bound is not None and global_norm > bound
+        self.held, self.global_norm = bound is not None and global_norm > bound, global_norm
         if bound is None or global_norm <= bound or self.remedy.clipping_active:
             self.spikes.record(global_norm)
             self._calm = (present, norms)  # a reference to this step's norms, no copy: for the next spike's report

@@ -17,6 +17,8 @@ on to its next rung (`stop`).
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -33,6 +35,12 @@ log = logging.getLogger("gradwatch.agent")
 T = TypeVar("T")
 
 DEFAULT_BOUNDS = SnapshotConfig()
+RISE = 10.0
+"""A step whose global norm is this many times the median of recent accepted steps is no state to go back
+to, even when the guard let it through (its bound is off while it warms up): Megatron-LM calls 10x its
+running max "unexpectedly large", and the default pack's GradNormSpike fires at 10x."""
+RISE_HISTORY = 128  # recent accepted norms the median is taken over (the spike guard's window)
+RISE_MIN = 8  # fewer norms than this: no judgement (the first steps' norms move a lot)
 
 
 class Rollbacks:
@@ -55,13 +63,21 @@ class Rollbacks:
         self.skip_remaining = 0
         self.batches = 0  # should_skip() calls so far: the index the next batch gets
         self.skipped: list[tuple[int, int]] = []  # (first, last) batch index of each skip ordered, inclusive
+        self._norms: deque[float] = deque(maxlen=RISE_HISTORY)  # accepted global norms (snapshots on only)
 
     # -- every step ----------------------------------------------------------------------
 
-    def after_step(self, step: int, held: bool) -> None:
+    def after_step(self, step: int, held: bool, global_norm: float | None = None) -> None:
         """After the update of ``step`` (held: the guard skipped or clipped it). Takes a snapshot on
-        every ``every``-th step when none of the last ``every`` steps was held."""
+        every ``every``-th step when none of the last ``every`` steps was held or rose :data:`RISE` x
+        the median of the recent ones."""
         self.attempted += 1
+        if self.ring is not None and not held and global_norm is not None and math.isfinite(global_norm):
+            norms = self._norms
+            if len(norms) >= RISE_MIN and global_norm > RISE * statistics.median(norms):
+                held = True  # kept out of the history, as the spike guard keeps its spikes out
+            else:
+                norms.append(global_norm)
         if held:
             self._held_at, self.held_step = self.attempted, step
         if self._restored:  # the step a rollback replaced: the state is the snapshot's already

@@ -44,6 +44,7 @@ MAX_POINTS = 5000
 MAX_LAYERS = 32
 """Per-layer series recorded: the layers with the largest gradient norm when the incident opens."""
 CRITICAL = "critical"
+STOPPED_RULE = "GradwatchStoppedRun"
 
 GLOBAL = (mn.STEP, mn.LOSS, mn.GRAD_GLOBAL_NORM, mn.GRAD_GLOBAL_NORM_MAX, mn.LR_SCALE, mn.LEARNING_RATE,
           mn.SKIPPED_STEPS_TOTAL, mn.SPIKE_CLIPPED_STEPS_TOTAL)
@@ -100,6 +101,23 @@ def with_incident_link(alert: Alert, external_url: str) -> Alert:
     return dataclasses.replace(alert, annotations={**alert.annotations, "incident": incident_link(external_url, alert)})
 
 
+def stopped_page(incident: Incident, now: float, external_url: str) -> Alert:
+    """A critical notification that the ladder's last rung stopped the run: a person must look at it now."""
+    rules = ", ".join(sorted({a["rule"] for a in incident.alerts}))
+    link = f"{external_url.rstrip('/')}/api/v1/incidents/{incident.id}"
+    return Alert(
+        rule=STOPPED_RULE,
+        labels=(("alertname", STOPPED_RULE), ("run", incident.run), ("severity", CRITICAL)),
+        annotations={
+            "summary": f"gradwatch stopped run {incident.run}: its remediation could not hold it",
+            "description": f"Incident {incident.id} ({rules}) from step {incident.onset_step}: clipping, LR cuts and "
+            "the rollbacks its budget allowed did not recover the run; a stop was applied.",
+            "incident": link,
+        },
+        state=AlertState.FIRING, value=float(incident.onset_step or 0), active_at=now, fired_at=now,
+    )
+
+
 class IncidentRecorder:
     """Kept by the service; :meth:`observe` runs once per round after the rules were evaluated."""
 
@@ -112,7 +130,9 @@ class IncidentRecorder:
 
     # -- every round -------------------------------------------------------------------
 
-    def observe(self, now: float, alerts: Iterable[Alert], samples: SampleStore) -> None:
+    def observe(self, now: float, alerts: Iterable[Alert], samples: SampleStore, external_url: str = "") -> list[Alert]:
+        """Open, extend and close incidents; returns the pages to send (a run stopped by its remediation)."""
+        pages = []
         self._sample(now, samples)
         firing: dict[str, list[Alert]] = {}
         for alert in alerts:
@@ -133,7 +153,10 @@ class IncidentRecorder:
                 del self._open[run]
                 self.store.append_audit("incident.closed", time=now, run=run,
                                         details={"incident": incident.id, "outcome": outcome})
+                if outcome == "stopped":
+                    pages.append(stopped_page(incident, now, external_url))
             self._save(incident)
+        return pages
 
     def _sample(self, now: float, samples: SampleStore) -> None:
         """Append this round's newest value of every evidence series to the rolling windows."""

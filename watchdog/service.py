@@ -298,7 +298,7 @@ class Service:
 
     def _observe_incidents(self, now: float, alerts: list[Alert]) -> None:
         try:
-            self.incidents.observe(now, alerts, self.samples)
+            self.dispatcher.submit(self.incidents.observe(now, alerts, self.samples, self.external_url), now)
         except Exception:  # the record is for people; the watching goes on without it
             log.exception("cannot update the incident records")
 
