@@ -39,3 +39,8 @@ def test_command_latency_prints_each_stage():
     out = bench("command_latency.py", "--repeats", "1", "--interval", "0.5")
     for stage in ("bad step → alert firing", "decided → fetched by the agent's poll", "bad step → applied"):
         assert stage in out
+
+
+def test_snapshot_cost_prints_bytes_and_the_ratio_to_a_step():
+    out = bench("snapshot_cost.py", "--sizes", "0.05", "--rounds", "1", "--batch", "8")
+    assert "snapshot bytes" in out and "snapshot / step" in out and "0.05 M" in out
