@@ -191,6 +191,7 @@ class Agent:
             "remediation": self.remedy.state_dict(),
             "spikes": self.monitor.spikes.state_dict() if self.monitor.spikes is not None else None,
             "commands_seen": self.control.seen_ids() if self.control is not None else [],
+            "rollbacks": self.rollbacks.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -202,6 +203,8 @@ class Agent:
             self.monitor.spikes.load_state_dict(state["spikes"])
         if self.control is not None:
             self.control.mark_seen(state["commands_seen"])
+        if state.get("rollbacks"):  # the budget spent and the floor survive a resume (snapshots do not)
+            self.rollbacks.load_state_dict(state["rollbacks"])
         self.telemetry.update(step=self.monitor.step)
         self.commands.publish()
 

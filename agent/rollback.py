@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
-
 from gradwatch.agent import distributed
 from gradwatch.agent.remedy import Refused, Remediation
 from gradwatch.agent.snapshots import SnapshotConfig, SnapshotRing

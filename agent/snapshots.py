@@ -70,7 +70,7 @@ class SnapshotConfig(BaseModel):
     def _stateful(cls, objects: list[Any]) -> list[Any]:
         for i, obj in enumerate(objects):
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-                raise ValueError(f"include[{i}] ({type(obj).__name__}) has no state_dict()/load_state_dict()")
+                raise ValueError(f"include[{i}] ({type(obj).__name__}) has no state_dict()/load_state_dict()")  # noqa: TRY004 (pydantic reports ValueError)
         return objects
 
 
@@ -230,8 +230,8 @@ class SnapshotRing:
     def restore(self, snapshot: Snapshot) -> None:
         """Put everything back as it was after ``snapshot.step``; snapshots of later steps are dropped
         (they belong to the abandoned trajectory)."""
-        for t, saved in zip(self.tensors, snapshot.tensors):
-            t.copy_(saved)
+        for t, copied in zip(self.tensors, snapshot.tensors):
+            t.copy_(copied)
         state = self.optimizer.state
         for i, p in enumerate(self.params):
             saved = snapshot.optimizer[i]
@@ -250,8 +250,8 @@ class SnapshotRing:
                         current[key] = value.to(snapshot.devices[i][key], copy=True)
                 else:
                     current[key] = copy.deepcopy(value)
-        for group, saved in zip(self.optimizer.param_groups, snapshot.groups):
-            for key, value in saved.items():
+        for group, settings in zip(self.optimizer.param_groups, snapshot.groups):
+            for key, value in settings.items():
                 if isinstance(value, Tensor) and isinstance(group.get(key), Tensor):
                     group[key].copy_(value)
                 else:

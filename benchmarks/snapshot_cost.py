@@ -16,15 +16,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, header_lines  # noqa: E402
-
-from gradwatch.agent.rollback import agent_state  # noqa: E402
-from gradwatch.agent.snapshots import SnapshotConfig, SnapshotRing  # noqa: E402
+from common import format_table, header_lines
+from gradwatch.agent.rollback import agent_state
+from gradwatch.agent.snapshots import SnapshotConfig, SnapshotRing
 
 
 def model_of(millions: float, device: str) -> nn.Module:
@@ -62,14 +62,10 @@ def measure(millions: float, device: str, rounds: int, batch: int) -> list[str]:
 
     step()  # the optimizer's state exists from here on
 
-    class Monitor:  # the agent's own part of a snapshot, as it is at attach
-        step, spikes = 0, None
-
-    class Remedy:
-        history: dict = {}
-
+    monitor = SimpleNamespace(step=0, spikes=None)  # the agent's own part of a snapshot, as it is at attach
+    remedy = SimpleNamespace(history={})
     ring = SnapshotRing(SnapshotConfig(every=1, keep=2, max_bytes=2**62), model, opt,
-                        lambda: agent_state(Monitor, Remedy), lambda state: None)
+                        lambda: agent_state(monitor, remedy), lambda state: None)
     ring.take(0)
     ring.take(1)  # the ring is full: from here on every snapshot reuses the oldest one's buffers
     step_s = timed(step, device, rounds)

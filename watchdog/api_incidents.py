@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-
 from gradwatch.watchdog.incidents import Incident
 from gradwatch.watchdog.service import Service, format_value
 

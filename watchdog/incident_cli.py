@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from gradwatch.watchdog.command_cli import DEFAULT_URL
 from gradwatch.watchdog import metric_names as mn
+from gradwatch.watchdog.command_cli import DEFAULT_URL
 
 BAND = (-4.0, -2.0)  # DL4J's healthy log10 update:parameter ratio band (as the demo's picture)
 MAX_LAYERS = 10
@@ -105,7 +105,7 @@ def _show(args: argparse.Namespace) -> int:
 def _clock(t: float) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _points(record: dict, key: str) -> tuple[list[float], list[float]]:

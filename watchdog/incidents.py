@@ -140,9 +140,9 @@ class IncidentRecorder:
                 firing.setdefault(alert.label("run"), []).append(alert)
         for run, run_alerts in firing.items():
             incident = self._open.get(run) or self._start(run, run_alerts, now)
-            known = {a["fingerprint"] for a in incident.alerts}
+            known = {(a["rule"], a["fingerprint"]) for a in incident.alerts}
             for alert in run_alerts:
-                if alert.fingerprint not in known:
+                if (alert.rule, alert.fingerprint) not in known:
                     incident.alerts.append({"rule": alert.rule, "fingerprint": alert.fingerprint,
                                             "labels": dict(alert.labels), "fired_at": alert.fired_at})
         for run, incident in list(self._open.items()):

@@ -4,11 +4,11 @@ import os
 import time
 from pathlib import Path
 
+import gradwatch.agent
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import gradwatch.agent
 from tests.agent.models import MLP, loss_of
 
 READY_AT = 12  # rank 0 writes `ready` after this step; the test then sends the rollback

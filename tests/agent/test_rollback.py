@@ -4,10 +4,10 @@ the budget, the floor, the memory budget, and delegation to the user's own check
 import copy
 import re
 
+import gradwatch.agent
 import pytest
 import torch
 
-import gradwatch.agent
 from tests.agent.conftest import sample
 from tests.agent.fake_watchdog import FakeWatchdog
 from tests.agent.models import MLP, loss_of
@@ -126,7 +126,7 @@ def test_skipped_batches_are_exactly_the_ones_named(attach, watchdog):
 
 
 def test_the_budget_and_the_previous_target_bound_rollbacks(attach, watchdog):
-    agent, loop = build(attach, watchdog, max_rollbacks=2, keep=4)
+    _, loop = build(attach, watchdog, max_rollbacks=2, keep=4)
     loop.run_to(21)
     assert rollback(watchdog, loop, 1).restored_step == 20
     # Never before the previous rollback's target: asking for a state before step 15 is refused.
@@ -148,6 +148,18 @@ def test_no_snapshot_is_taken_while_the_guard_holds_steps(attach, watchdog):
     assert sample(agent, "gradwatch_skipped_steps_total", reason="nonfinite") == 1
     assert agent.rollbacks.ring.steps == [10]
     del grads
+
+
+def test_no_snapshot_is_taken_after_a_norm_10x_the_recent_median_the_guard_let_through(attach, watchdog):
+    agent, loop = build(attach, watchdog)
+    loop.run_to(13)
+    # 1000x at step 14: inside the spike guard's warm-up (no bound for 128 steps), so not held by it.
+    hook = loop.model.head.weight.register_hook(lambda g: g * 1000.0 if agent.step == 13 else g)
+    loop.run_to(21)
+    hook.remove()
+    assert sample(agent, "gradwatch_spike_clipped_steps_total") == 0
+    assert agent.rollbacks.ring.steps == [5, 10, 20]  # no state saved at 15: step 14 was in its window
+    assert agent.rollbacks.held_step == 14
 
 
 def test_a_budget_that_cannot_hold_one_snapshot_is_refused_at_attach():
@@ -203,3 +215,13 @@ def test_rollback_without_snapshots_or_callback_is_refused_and_training_goes_on(
     loop = Loop(agent, model, opt)
     ack = rollback(watchdog, loop, 1)
     assert ack.status == "refused" and "no snapshots" in ack.detail and loop.rolled_back == []
+
+
+def test_the_spent_budget_and_the_floor_survive_a_resume(attach, watchdog):
+    agent, loop = build(attach, watchdog, max_rollbacks=1)
+    loop.run_to(12)
+    assert rollback(watchdog, loop, 1, before_step=12).restored_step == 10
+    state = agent.state_dict()
+    resumed, _ = build(attach, watchdog, max_rollbacks=1)
+    resumed.load_state_dict(state)
+    assert resumed.rollbacks.floor == 10 and resumed.rollbacks.state_dict() == agent.rollbacks.state_dict()
