@@ -38,7 +38,7 @@ def incidents_router(service: Service) -> APIRouter:
     @router.get("/incidents")
     def list_incidents(
         run: str | None = None,
-        outcome: str | None = Query(None, description="open, recovered, rolled_back or stopped"),
+        outcome: str | None = Query(None, description="open, recovered, not_recovered, rolled_back or stopped"),
         alert: str | None = Query(None, description="Only the incident holding this alert fingerprint (notifications link here)."),
         limit: int = Query(100, ge=1, le=1000),
     ) -> list[dict[str, Any]]:

@@ -12,9 +12,11 @@ open for that run: an explosion fires several rules at once). The record keeps
   every run, from which an opening incident takes its past;
 - every decision and command with its step (read from the audit log, which
   already holds each of them; see :meth:`IncidentRecorder.timeline`);
-- the outcome: ``open`` until its alerts have all resolved, then ``recovered``,
-  ``rolled_back`` (a rollback was applied) or ``stopped`` (a stop was applied:
-  closed at once, whatever the alerts do).
+- the outcome: ``open`` until its alerts have all resolved, then ``rolled_back``
+  (a rollback was applied), ``recovered`` (the loss is back within 2x its level
+  before the onset) or ``not_recovered`` (the alerts resolved, the loss did not:
+  a damaged run's values become their own reference), or ``stopped`` (a stop was
+  applied: closed at once, whatever the alerts do).
 
 Stored in its own table on the store's connection; written once per round while
 an incident is open, never on quiet rounds.
@@ -26,6 +28,7 @@ import bisect
 import dataclasses
 import json
 import math
+import statistics
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -211,6 +214,8 @@ class IncidentRecorder:
                 return "stopped"
             if record.action == "rollback" and applied:
                 outcome = "rolled_back"
+        if outcome == "recovered" and not _loss_recovered(incident):
+            outcome = "not_recovered"
         return outcome
 
     # -- storage ----------------------------------------------------------------------
@@ -256,6 +261,21 @@ class IncidentRecorder:
             events.append({"time": e.time, "step": step if step is not None else incident.step_at(e.time),
                            "kind": e.kind, "rule": e.rule, "details": e.details})
         return events
+
+
+RECOVERED_LOSS = 2.0
+"""An incident whose alerts resolved counts as recovered only if the loss is back within this factor of its
+median before the onset (the default pack's LossSpike factor): an alert also resolves when a damaged run's
+values become their own reference."""
+
+
+def _loss_recovered(incident: Incident) -> bool:
+    points = incident.evidence.get(mn.LOSS, [])
+    before = [v for t, v in points if t < incident.onset_at and math.isfinite(v)]
+    if not before or not points:
+        return True  # no loss reported: the alerts' resolution is all there is to go by
+    last = points[-1][1]
+    return math.isfinite(last) and last <= RECOVERED_LOSS * statistics.median(before)
 
 
 def _incident(row) -> Incident:

@@ -102,3 +102,11 @@ def test_an_open_incident_survives_a_restart():
     again = IncidentRecorder(store)
     again.observe(1.0, [], samples)
     assert [i.outcome for i in again.list()] == ["recovered"]
+
+
+def test_alerts_that_resolve_while_the_loss_stays_high_are_not_a_recovery():
+    store, samples, recorder = setup()
+    for t in range(12):
+        samples.add(float(t), mn.LOSS, build_labels(RUN), 0.25 if t < 5 else 1e20)
+        recorder.observe(float(t), [critical("A", 5.0)] if 6 <= t < 11 else [], samples)
+    assert recorder.list(run="r")[0].outcome == "not_recovered"
