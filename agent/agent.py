@@ -7,7 +7,8 @@ import os
 import socket
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -21,14 +22,17 @@ from gradwatch.agent.layers import LayerMap
 from gradwatch.agent.params import check_model, collect, unwrap_optimizer
 from gradwatch.agent.monitor import StepMonitor
 from gradwatch.agent.remedy import Bounds, Remediation
+from gradwatch.agent.rollback import Rollbacks, agent_state, load_agent_state
 from gradwatch.agent.scaler import ScalerWatch
 from gradwatch.agent.server import MetricsServer
+from gradwatch.agent.snapshots import SnapshotRing
 from gradwatch.agent.telemetry import Telemetry
 from gradwatch.agent.throttle import Throttled
 from gradwatch.watchdog.schema import Registration, read_secret
 
 log = logging.getLogger("gradwatch.agent")
 
+T = TypeVar("T")
 _watched: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _identities: "weakref.WeakValueDictionary[tuple[str, int], Agent]" = weakref.WeakValueDictionary()
 """Live agents by (run, rank): two in one process would export and register as one identity."""
@@ -69,6 +73,10 @@ class Agent:
         self._server: MetricsServer | None = None
         self.control: ControlClient | None = None
         self._scaler: ScalerWatch | None = None
+        self._ring = None  # built first: a budget that cannot hold one snapshot is refused before anything is attached
+        if config.snapshots is not None:
+            self._ring = SnapshotRing(config.snapshots, model, optimizer, lambda: agent_state(self.monitor, self.remedy),
+                                      lambda state: load_agent_state(self.monitor, self.remedy, state))
         try:
             self._attach(model, optimizer, params, names)
             if scaler is not None:
@@ -102,6 +110,8 @@ class Agent:
         self.monitor = StepMonitor(
             params, layer_map, self.telemetry, optimizer, config, self.ranks, self.remedy, self.commands, model=model
         )
+        self.rollbacks = Rollbacks(self._ring, self.remedy, self.ranks, self._restore_step)
+        self.commands.rollbacks = self.rollbacks
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -137,6 +147,28 @@ class Agent:
     def on_stop(self, callback: Callable[[int], None]) -> None:
         """Run ``callback(step)`` when a `stop` command arrives (e.g. set a flag the loop checks to end gracefully)."""
         self.commands.callbacks["stop"].append(callback)
+
+    def on_rollback(self, callback: Callable[[int], int]) -> None:
+        """Without snapshots: ``callback(step)`` loads the user's checkpoint at or before ``step`` (model,
+        optimizer, scheduler) when a `rollback` command arrives, and returns the step it loaded."""
+        self.rollbacks.callbacks.append(callback)
+
+    def should_skip(self) -> bool:
+        """Call once per batch before training on it; True for the batches a rollback asked to skip::
+
+            for batch in loader:
+                if agent.should_skip():
+                    continue
+        """
+        return self.rollbacks.should_skip()
+
+    def skipping(self, batches: Iterable[T]) -> Iterator[T]:
+        """``for batch in agent.skipping(loader):`` — the same as calling :meth:`should_skip` per batch."""
+        return self.rollbacks.skipping(batches)
+
+    def _restore_step(self, step: int) -> None:
+        self.monitor.step = step
+        self.telemetry.update(step=step)
 
     @property
     def url(self) -> str:
@@ -206,6 +238,7 @@ class Agent:
     def _post_hook(self, optimizer, args, kwargs) -> None:
         try:
             self.monitor.after_step()
+            self.rollbacks.after_step(self.monitor.step, self.monitor.step_held, self.monitor.global_norm)
         except Exception:
             self._warn.exception("after", "gradwatch: step %d: measuring the update failed", self.monitor.step)
 
@@ -218,6 +251,7 @@ class Agent:
             "remediation": self.remedy.state_dict(),
             "spikes": self.monitor.spikes.state_dict() if self.monitor.spikes is not None else None,
             "commands_seen": self.control.seen_ids() if self.control is not None else [],
+            "rollbacks": self.rollbacks.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -229,6 +263,8 @@ class Agent:
             self.monitor.spikes.load_state_dict(state["spikes"])
         if self.control is not None:
             self.control.mark_seen(state["commands_seen"])
+        if state.get("rollbacks"):  # the budget spent and the floor survive a resume (snapshots do not)
+            self.rollbacks.load_state_dict(state["rollbacks"])
         self.telemetry.update(step=self.monitor.step)
         self.commands.publish()
 

@@ -4,7 +4,9 @@ Rank 0's control thread fills an inbox; at the start of each optimizer step rank
 takes what is there, the guard's all-reduce tells every rank how many commands
 arrived, and rank 0 broadcasts them, so all ranks apply them at the same step.
 Rank 0 acknowledges each with that step (or the reason it was refused).
-``checkpoint`` and ``stop`` run user callbacks after the step's update.
+``checkpoint`` and ``stop`` run user callbacks after the step's update. ``rollback``
+restores a saved state before the step's update (rollback.py) and the step is then
+skipped: its gradients were computed on the state being abandoned.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch.distributed as dist
 
 from gradwatch.agent.control import ControlClient
 from gradwatch.agent.remedy import Refused, Remediation
+from gradwatch.agent.rollback import Rollbacks
 from gradwatch.agent.telemetry import Telemetry
-from gradwatch.watchdog.schema import Ack, SignedCommand
+from gradwatch.watchdog.schema import Ack, Rollback, SignedCommand
 
 log = logging.getLogger("gradwatch.agent")
 
@@ -34,6 +37,8 @@ class CommandRouter:
         self.rank = rank
         self.callbacks: dict[str, list[Callable[[int], None]]] = {a: [] for a in CALLBACK_ACTIONS}
         self._deferred: list[SignedCommand] = []
+        self.rollbacks: Rollbacks | None = None  # set by the agent
+        self.rolled_back = False  # a rollback was applied at this step: the monitor skips its update
 
     def take(self) -> list[SignedCommand]:
         return self.control.drain() if self.control is not None else []
@@ -52,14 +57,25 @@ class CommandRouter:
             if spec.action in CALLBACK_ACTIONS:
                 self._deferred.append(signed)
                 continue
+            restored = None
             try:
-                detail = self.remedy.apply(spec)
+                if isinstance(spec, Rollback):
+                    if self.rollbacks is None:
+                        raise Refused("rollback is not available on this agent")
+                    detail, restored = self.rollbacks.apply(spec, step)
+                    self.rolled_back = True
+                else:
+                    detail = self.remedy.apply(spec)
             except Refused as exc:
                 self._ack(signed, "refused", step, str(exc))
                 log.warning("gradwatch: step %d: refused %s (%s): %s", step, spec.action, signed.command.reason, exc)
                 continue
+            except Exception as exc:  # e.g. a user's on_rollback callback raised: the run goes on as it is
+                log.exception("gradwatch: step %d: %s failed", step, spec.action)
+                self._ack(signed, "refused", step, f"{spec.action} failed: {exc}")
+                continue
             self.telemetry.count("commands", spec.action)
-            self._ack(signed, "applied", step, detail)
+            self._ack(signed, "applied", step, detail, restored)
             log.warning("gradwatch: step %d: applied %s (%s): %s", step, spec.action, signed.command.reason, detail)
         self.publish()
 
@@ -86,7 +102,7 @@ class CommandRouter:
         r = self.remedy
         self.telemetry.update(lr_scale=r.lr_scale, clipping_active=r.clipping_active, clip_threshold=r.clip_threshold)
 
-    def _ack(self, signed: SignedCommand, status: str, step: int, detail: str) -> None:
+    def _ack(self, signed: SignedCommand, status: str, step: int, detail: str, restored: int | None = None) -> None:
         if self.control is None or self.rank != 0:
             return
         r = self.remedy
@@ -102,5 +118,6 @@ class CommandRouter:
                 lr_scale=r.lr_scale,
                 clipping=r.clip_mode,
                 clip_threshold=r.clip_threshold,
+                restored_step=restored,
             )
         )

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gradwatch.agent.snapshots import SnapshotConfig
 from gradwatch.watchdog.schema import RUN_PATTERN
 
 DEFAULT_PORT = 9465
@@ -105,6 +106,11 @@ class AgentConfig(BaseModel):
     lr_cut_window_s: float = Field(default=600.0, gt=0)
     lr_cut_cooldown_s: float = Field(default=10.0, ge=0, description="Minimum time between two LR cuts.")
     min_lr_scale: float = Field(default=1e-3, gt=0, le=1, description="The LR scale never goes below this.")
+    snapshots: SnapshotConfig | None = Field(
+        default=None,
+        description="Keep recent good states in host memory for `rollback` commands, e.g. "
+        "{'every': 100, 'keep': 4, 'include': [scheduler]} (fields: agent/snapshots.py). None: off.",
+    )
 
     @model_validator(mode="after")
     def _align_detail(self) -> "AgentConfig":

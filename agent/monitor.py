@@ -88,6 +88,8 @@ class StepMonitor:
         self._before: tuple[list[int], probe.Layout, list] | None = None
         self._layout: tuple[list[int], torch.device, probe.Layout] | None = None  # for the present gradients
         self._skipping = False
+        self.step_held = False
+        self.global_norm = None
         self._min: dict[str, float] = {}  # last measured min |g| per layer
         self._synced_step = 0
         self._calm: tuple[list[int], Tensor] | None = None  # (present, per-tensor norms) of the last calm step
@@ -159,6 +161,8 @@ class StepMonitor:
             self._rescan()
         self.step += 1
         self._skipping = False
+        self.step_held = False  # the guard skipped or clipped this step (no snapshot of it)
+        self.global_norm: float | None = None  # this step's, once measured (for the snapshots' own judgement)
         self._before = None
         self._peer_commands = False
         self._close_loss()
@@ -196,6 +200,13 @@ class StepMonitor:
             commands = self.commands.broadcast(commands)
         if commands:
             self.commands.apply(commands, self.step)
+            if self.commands.rolled_back:  # these gradients belong to the state just abandoned
+                self.commands.rolled_back = False
+                self._skipping = True
+                self._clear_grads()
+                self.telemetry.count("skipped", "rollback")
+                self.telemetry.update(step=self.step)
+                return
         if norms is None:
             self.telemetry.update(step=self.step)
             if whole is not None and whole.n_bad:  # sharded, some rank could not measure: the NaN skip still holds
@@ -350,6 +361,7 @@ class StepMonitor:
         tighter of the two wins)."""
         spikes = self.spikes
         verdict = "accept" if spikes is None else spikes.judge(global_norm, loss)
+        self.step_held, self.global_norm = verdict == "hold", global_norm
         if verdict != "hold":
             if verdict == "regime":
                 self.remedy.new_regime(list(spikes.norms))
@@ -486,7 +498,7 @@ class StepMonitor:
 
     def _skip(self, present: list[int], grads: list[Tensor], local: bool) -> None:
         """Turn this optimizer step into a no-op and account for it."""
-        self._skipping = True
+        self._skipping = self.step_held = True
         self._account_held(True)
         counts = self.layer_map.fold_counts(present, probe.nonfinite_counts(grads).cpu()) if local else {}
         self._clear_grads()

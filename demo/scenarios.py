@@ -481,6 +481,20 @@ _CATALOGUE: dict[str, _Entry] = {
         "norm first passes 10x its mean wrecks the recurrent weights, so a remedy has to act on "
         "the earlier spikes (for seed 0 the first one, at step 138, is 13x) or clip from the start.",
     ),
+    "early_explosion": _Entry(
+        _recall_rnn,
+        {"warmup": 100, "steps": 500},
+        "An explosion too early and too fast to hold: the exploding_rnn recipe with its LR warm-up to 0.4 "
+        "over 100 steps instead of 800. The LR reaches the stability edge at once and the cliff comes "
+        "inside the first 128 steps, before a spike guard has the history to call a norm a spike: for "
+        "seed 0 the global gradient norm is 1.8 at step 101 and 5.5 -> 13 -> 190 -> 1.4e4 at steps 104-107, "
+        "and the loss is Inf at step 117; from there every gradient is NaN. A guard that skips non-finite steps keeps "
+        "the weights finite but frozen where the explosion left them, so clipping and LR cuts, which act "
+        "on later gradients, change nothing. Going back does (PaLM restarted ~100 steps before its loss "
+        "spikes and skipped 200-500 batches; OPT-175B's operators rolled back and lowered the LR): the "
+        "state of step 100 with clipping on and the LR halved twice trains to 0.0032, as the same seed "
+        "clipped from step 0 (info['safe_clip_norm'] = 0.25) does.",
+    ),
     "nan_batch": _Entry(
         _teacher_mlp,
         {"nan_step": 300},
@@ -546,7 +560,7 @@ _CATALOGUE: dict[str, _Entry] = {
 }
 
 NAMES: tuple[str, ...] = tuple(_CATALOGUE)
-PATHOLOGIES: tuple[str, ...] = ("exploding_rnn", "nan_batch", "vanishing", "lr_too_high")
+PATHOLOGIES: tuple[str, ...] = ("exploding_rnn", "early_explosion", "nan_batch", "vanishing", "lr_too_high")
 HEALTHY: tuple[str, ...] = tuple(n for n in NAMES if n.startswith("healthy_"))
 
 

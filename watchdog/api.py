@@ -29,6 +29,7 @@ from gradwatch.watchdog.api_models import (
 from gradwatch.watchdog.api_auth import bind_metrics_url, client_host, signed_request
 from gradwatch.watchdog.api_commands import commands_router, pins_router
 from gradwatch.watchdog.api_limits import BodyLimit, add_error_handlers
+from gradwatch.watchdog.api_incidents import incidents_router
 from gradwatch.watchdog.schema import Registration
 from gradwatch.watchdog.service import RegistrationRefused, Service
 from gradwatch.watchdog.sources.targets import RegistryFull
@@ -161,7 +162,7 @@ def ops_router(service: Service) -> APIRouter:
 
 
 ROUTERS: Sequence[Callable[[Service], APIRouter]] = (
-    runs_router, commands_router, pins_router, alerts_router, audit_router, rules_router, ops_router,
+    runs_router, commands_router, pins_router, alerts_router, audit_router, rules_router, ops_router, incidents_router,
 )
 """Every endpoint group, each built over the service."""
 

@@ -6,6 +6,7 @@ imports torch.
     gradwatch rules check FILE...
     gradwatch rules export [--format prometheus] [FILE] [-o OUT] [--group NAME] [--interval 2s]
     gradwatch command RUN ACTION [--factor F] [--min-lr LR] [--mode M] [--threshold T|auto] [--z Z]
+    gradwatch incident list|show ID [-o PNG]
     gradwatch dashboards generate|push ...
     gradwatch demo [--scenario NAME] [--seed N] [--out DIR] [--no-baseline] [--keep-running]
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gradwatch.watchdog import command_cli
 
     command_cli.add_parser(commands)
+
+    from gradwatch.watchdog import incident_cli
+
+    incident_cli.add_parser(commands)
 
     from gradwatch.watchdog.dashboards import commands as dashboards_commands
 

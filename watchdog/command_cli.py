@@ -41,6 +41,9 @@ def add_parser(commands) -> None:
                      "clip_value, renorm_l2_per_layer, renorm_l2_per_param_type or adaptive")
     cmd.add_argument("--threshold", help="enable-clipping: a number in (0, 1e6] or 'auto' (default auto)")
     cmd.add_argument("--z", type=float, help="enable-clipping --mode adaptive: z-score threshold in (0, 100] (default 2.5)")
+    cmd.add_argument("--before-step", type=int, help="rollback: restore the newest snapshot taken before this step")
+    cmd.add_argument("--skip-batches", type=int, help="rollback: batches the trainer skips after the restore")
+    cmd.add_argument("--lr-scale", type=float, help="rollback: multiply the LR scale by this on resume (0 < s <= 1)")
     cmd.add_argument("--reason", default="operator", help="recorded in the audit log")
     cmd.add_argument("--url", default=None, help=f"watchdog URL (default $GRADWATCH_URL or {DEFAULT_URL})")
     cmd.add_argument("--secret-file", help="file with the shared secret (default $GRADWATCH_SECRET)")
@@ -62,7 +65,7 @@ def add_parser(commands) -> None:
 
 def build_spec(args: argparse.Namespace) -> Action:
     fields = {"action": args.action.replace("-", "_")}
-    for name in ("factor", "min_lr", "mode", "threshold", "z"):
+    for name in ("factor", "min_lr", "mode", "threshold", "z", "before_step", "skip_batches", "lr_scale"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = value

@@ -129,10 +129,34 @@ class Stop(_Strict):
     action: Literal["stop"] = "stop"
 
 
+MAX_SKIP_BATCHES = 10_000
+"""PaLM skipped 200-500 batches after its rollbacks; far more is a different data plan, not a remedy."""
+
+
+class Rollback(_Strict):
+    """Go back to a state saved before the trouble began (PaLM's and OPT-175B's remedy), optionally
+    skipping the batches that follow and resuming at a lower learning rate."""
+
+    action: Literal["rollback"] = "rollback"
+    before_step: int | None = Field(
+        default=None, ge=1,
+        description="Restore the newest state saved before this step (the incident's onset). None: before the "
+        "latest step the agent's guard held (clipped or skipped), else the newest state saved.",
+    )
+    skip_batches: int = Field(
+        default=0, ge=0, le=MAX_SKIP_BATCHES,
+        description="Batches to skip after the restore (the trainer's cooperation: agent.should_skip()).",
+    )
+    lr_scale: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Multiply the learning-rate scale in force by this on resume (not counted as an LR cut).",
+    )
+
+
 Action = Annotated[
-    LowerLR | RestoreLR | EnableClipping | DisableClipping | Checkpoint | Stop, Field(discriminator="action")
+    LowerLR | RestoreLR | EnableClipping | DisableClipping | Checkpoint | Stop | Rollback, Field(discriminator="action")
 ]
-ACTIONS = ("lower_lr", "restore_lr", "enable_clipping", "disable_clipping", "checkpoint", "stop")
+ACTIONS = ("lower_lr", "restore_lr", "enable_clipping", "disable_clipping", "checkpoint", "stop", "rollback")
 
 
 class Command(_Strict):
@@ -180,6 +204,7 @@ class Ack(_Strict):
     lr_scale: float = 1.0
     clipping: str | None = Field(default=None, description="Active clipping mode after the command, if any.")
     clip_threshold: float | None = None
+    restored_step: int | None = Field(default=None, description="rollback: the step whose saved state was restored.")
 
 
 class CommandBatch(_Strict):

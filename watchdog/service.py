@@ -41,6 +41,7 @@ from gradwatch.watchdog.config_file import ConfigError, WatchdogConfig, load_con
 from gradwatch.watchdog.engine import EvalResult, RuleEngine, RuleHealth
 from gradwatch.watchdog.deadman import deadman_alert
 from gradwatch.watchdog.notify.alertmanager import AlertmanagerNotifier
+from gradwatch.watchdog.incidents import IncidentRecorder, with_incident_link
 from gradwatch.watchdog.notify.config import build_notifier
 from gradwatch.watchdog.notify.dispatcher import Dispatcher
 from gradwatch.watchdog.rules.loader import Problem
@@ -211,6 +212,7 @@ class Service:
             )
             self.replay_guard = ReplayGuard(settings.replay_cache_size)
             self.refusals = RefusalAudit(self.store, clock, settings.refusal_audit_window)
+            self.incidents = IncidentRecorder(self.store)
         except BaseException:
             if self._owns_store:
                 self.store.close()
@@ -309,9 +311,10 @@ class Service:
             with contextlib.suppress(sqlite3.OperationalError):
                 self.remediator.decide(alerts, now)
                 self.restorer.decide(alerts, now)
+                self._observe_incidents(now, alerts)
             to_send = self.engine.alerts_to_send(now, self.settings.resend_delay)
             self._annotate(to_send, now)
-            self.dispatcher.submit(to_send, now)
+            self.dispatcher.submit([with_incident_link(a, self.external_url) for a in to_send], now)
             if self.settings.deadman_alert and self.store.write_health().writable:
                 self.dispatcher.submit([self._deadman], now, to=lambda n: isinstance(n, AlertmanagerNotifier))
         if now - self._last_prune >= PRUNE_EVERY_S:
@@ -335,6 +338,12 @@ class Service:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("source round failed: %s", error)
             return 0, {}, error
+
+    def _observe_incidents(self, now: float, alerts: list[Alert]) -> None:
+        try:
+            self.dispatcher.submit(self.incidents.observe(now, alerts, self.samples, self.external_url), now)
+        except Exception:  # the record is for people; the watching goes on without it
+            log.exception("cannot update the incident records")
 
     def _record_progress(self, now: float) -> None:
         """Persist when each registered run was last seen and its step (one transaction)."""

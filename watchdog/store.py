@@ -231,6 +231,12 @@ class Store:
                 MIGRATIONS[v](self._conn)
                 self._conn.execute(f"PRAGMA user_version = {v + 1}")
 
+    def ensure_tables(self, statements: Iterable[str]) -> None:
+        """Create the tables another module keeps on this connection (``CREATE ... IF NOT EXISTS``), in one transaction."""
+        with self.transaction():
+            for statement in statements:
+                self._conn.execute(statement)
+
     @property
     def schema_version(self) -> int:
         with self._lock:

@@ -55,3 +55,8 @@ def test_adapter_overhead_prints_both_frameworks_ratios():
     out = bench("adapter_overhead.py", "--quick", "--steps", "8")
     assert "ratio to the framework's own grad-norm logging" in out
     assert "lightning    gradwatch" in out and "huggingface  gradwatch" in out
+
+
+def test_snapshot_cost_prints_bytes_and_the_ratio_to_a_step():
+    out = bench("snapshot_cost.py", "--sizes", "0.05", "--rounds", "1", "--batch", "8")
+    assert "snapshot bytes" in out and "snapshot / step" in out and "0.05 M" in out

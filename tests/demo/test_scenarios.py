@@ -249,3 +249,20 @@ def test_healthy_runs_fall_and_show_no_pathology(name):
     assert max(spikes) < 5  # GradNormSpike needs 10x
     assert max(trace.ratios) < 0.1  # UpdateRatioTooHigh needs > 1
     assert statistics.median(trace.depths) > -3  # VanishingGradients needs < -6
+
+
+def test_early_explosion_reaches_nan_inside_the_guards_warm_up_and_clipping_from_start_holds_it():
+    torch.set_num_threads(1)
+    plain, clipped = scenarios.build("early_explosion", seed=0), scenarios.build("early_explosion", seed=0)
+    clipped.clip_norm = clipped.info["safe_clip_norm"]
+    first_nonfinite = None
+    for step in range(130):
+        loss = scenarios.train_step(plain, step)
+        scenarios.optimizer_step(plain)
+        if first_nonfinite is None and not math.isfinite(loss.item()):
+            first_nonfinite = step
+    assert first_nonfinite is not None and 100 <= first_nonfinite < 128  # before a 128-step guard warm-up ends
+    for step in range(130):
+        scenarios.train_step(clipped, step)
+        scenarios.optimizer_step(clipped)
+    assert math.isfinite(scenarios.evaluate(clipped))

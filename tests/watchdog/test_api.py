@@ -171,6 +171,6 @@ def test_openapi_lists_every_path(env):
         "/api/v1/runs", "/api/v1/alerts", "/api/v1/alerts/history", "/api/v1/audit",
         "/api/v1/rules/reload", "/healthz", "/metrics",
         "/api/v1/runs/{run}", "/api/v1/runs/{run}/commands", "/api/v1/runs/{run}/acks", "/api/v1/commands",
-        "/api/v1/alertmanager", "/api/v1/runs/{run}/pin",
+        "/api/v1/alertmanager", "/api/v1/runs/{run}/pin", "/api/v1/incidents", "/api/v1/incidents/{incident_id}",
     }
     assert set(paths["/api/v1/runs"]) == {"get", "post"}
