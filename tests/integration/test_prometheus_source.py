@@ -1,6 +1,6 @@
 """PrometheusSource against the real Prometheus: the rules must get what a direct scrape gives them.
 
-One prometheus-client endpoint serves gradwatch series (a NaN and ±Inf gauge, a
+One prometheus-client endpoint per rank serves gradwatch series (a NaN and ±Inf gauge, a
 counter with its ``_created`` sample); the real Prometheus scrapes it every
 second; then both sources fill their own store and the stores must hold the same
 series with the same values. The error and authentication cases at the end need
@@ -38,29 +38,34 @@ scrape_configs:
 
 @pytest.fixture
 def agent():
-    """A training process's /metrics, with values fixed for the test's duration."""
-    registry = CollectorRegistry()
-    grad_norm = Gauge("gradwatch_grad_norm", "Gradient L2 norm.", ["run", "rank", "layer"], registry=registry)
-    loss = Gauge("gradwatch_loss", "Loss.", ["run", "rank"], registry=registry)
-    nonfinite = Counter(
-        "gradwatch_nonfinite_grads", "Non-finite elements.", ["run", "rank", "layer", "kind"], registry=registry
-    )
+    """Two ranks of a training process, each with its own /metrics (values fixed for the test's duration)."""
+    servers, endpoints = [], {}
     for rank in ("0", "1"):
+        registry = CollectorRegistry()
+        grad_norm = Gauge("gradwatch_grad_norm", "Gradient L2 norm.", ["run", "rank", "layer"], registry=registry)
+        loss = Gauge("gradwatch_loss", "Loss.", ["run", "rank"], registry=registry)
+        nonfinite = Counter(
+            "gradwatch_nonfinite_grads", "Non-finite elements.", ["run", "rank", "layer", "kind"], registry=registry
+        )
         grad_norm.labels("itest", rank, "embed.weight").set(0.125)
         grad_norm.labels("itest", rank, "head.weight").set(math.nan)
         grad_norm.labels("itest", rank, "block.0.mlp.weight").set(math.inf)
         loss.labels("itest", rank).set(-math.inf if rank == "1" else 2.5)
         nonfinite.labels("itest", rank, "head.weight", "nan").inc(7)
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    yield f"127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+        server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+        servers.append((server, thread))
+        endpoints[int(rank)] = f"127.0.0.1:{server.server_port}"
+    yield endpoints
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture
 def prometheus(tmp_path, agent):
-    server = start_prometheus(PROMETHEUS_CONFIG.format(target=agent), tmp_path)  # skips if the binary is missing
+    targets = '", "'.join(agent.values())
+    server = start_prometheus(PROMETHEUS_CONFIG.format(target=targets), tmp_path)  # skips if the binary is missing
     try:
         yield server
     finally:
@@ -94,7 +99,8 @@ def test_prometheus_and_direct_scrape_fill_the_store_identically(prometheus, age
     prom_store, scrape_store = SampleStore(), SampleStore()
     prom_source = PrometheusSource(prometheus.url, prom_store, timeout_s=5.0)
     registry = TargetRegistry()
-    registry.register(Registration(run="itest", rank=0, metrics_url=f"http://{agent}/metrics"), time.time())
+    for rank, endpoint in agent.items():  # one endpoint per rank, as agents serve them
+        registry.register(Registration(run="itest", rank=rank, metrics_url=f"http://{endpoint}/metrics"), time.time())
     scrape_source = ScrapeSource(registry, scrape_store, timeout_s=5.0)
     try:
         _wait_for_series(prom_source, count=10)  # 2 ranks x (3 grad norms + loss + counter)
@@ -106,7 +112,7 @@ def test_prometheus_and_direct_scrape_fill_the_store_identically(prometheus, age
         scrape_source.close()
 
     assert fetched.samples == 10
-    assert (scraped.ok, scraped.samples) == (1, 10)
+    assert (scraped.ok, scraped.samples) == (2, 10)
     from_prometheus, direct = _snapshot(prom_store, now), _snapshot(scrape_store, now)
     assert from_prometheus == direct
     labels = (("layer", "head.weight"), ("rank", "0"), ("run", "itest"))
