@@ -132,7 +132,7 @@ def test_demo_rules_are_the_default_pack_with_its_clock_scaled(tmp_path):
         fast = scaled[rule.name]
         assert fast.for_ == pytest.approx(rule.for_ / 60, abs=1e-3)
         assert getattr(fast, "window", 0) == pytest.approx(getattr(rule, "window", 0) / 60, abs=1e-3)
-        assert [s.after for s in fast.on_fire] == pytest.approx([s.after / 60 for s in rule.on_fire], abs=1e-3)
+        assert [s.after.seconds for s in fast.on_fire] == pytest.approx([s.after.seconds / 60 for s in rule.on_fire], abs=1e-3)
         assert fast.model_copy(update={"for_": rule.for_}).labels == rule.labels  # thresholds, labels untouched
         assert getattr(fast, "factor", None) == getattr(rule, "factor", None)
 
