@@ -360,6 +360,13 @@ class StepMonitor:
         the step now has them, so remediation clipping after it sees the held gradients (the
         tighter of the two wins)."""
         spikes = self.spikes
+        if spikes is not None and self.remedy.clipping_active:
+            # Remediation clipping bounds the step now (its `auto` threshold, 2x the accepted median, is
+            # below the guard's bound): the guard holds nothing more, and the step feeds no history, so a
+            # clipped run cannot ratchet its own bound up nor count the remediation's clips as spikes.
+            self.step_held, self.global_norm = False, global_norm
+            self._account_held(False)
+            return norms
         verdict = "accept" if spikes is None else spikes.judge(global_norm, loss)
         self.step_held, self.global_norm = verdict == "hold", global_norm
         if verdict != "hold":
