@@ -55,10 +55,10 @@ STORIES: dict[str, Story] = {
                        "does not remediate: a lower learning rate or clipping cannot bring back a signal 1e-15 "
                        "smaller. The fix is in the model (ReLU/GELU, normalisation, residual connections, init)."),
     # GradientSpikesHeld counts spikes over 1 minute and escalates after 5 s: at 10x, within this run.
-    "lr_too_high": Story(10.0, moral="The damage came in the first ~50 steps of the warm-up, before the guard had "
-                         "the 128 steps of history it needs to call a norm a spike; gradwatch then held the spikes, "
-                         "enabled clipping and lowered the learning rate, which limits the harm but cannot undo it. "
-                         "The alert is the signal to fix the schedule."),
+    "lr_too_high": Story(10.0, moral="The damage came early in the warm-up, within the guard's first tens of steps "
+                         "of history; gradwatch held the spikes, and on evidence of harm enabled clipping and lowered "
+                         "the learning rate, which limits the harm but cannot undo it; once the run is healthy again the "
+                         "watchdog gives the learning rate back stepwise. The alert is the signal to fix the schedule."),
 }
 # Denser than the agent's defaults (every=50, detail_every=250) for a smoother picture;
 # the default pack behaves the same either way.

@@ -27,7 +27,7 @@ class RunOut(BaseModel):
     metrics_url: str
     registered_at: float
     last_seen: float = Field(description="Last successful scrape (or the registration).")
-    stale: bool = Field(description="Not answering for stale_after seconds; kept, never deleted.")
+    stale: bool = Field(description="Not answering for stale_after seconds; kept until registration_expiry, then removed.")
     last_step: int | None
     pid: int | None
     hostname: str | None
