@@ -57,8 +57,8 @@ STORIES: dict[str, Story] = {
     # GradientSpikesHeld counts spikes over 1 minute and escalates after 5 s: at 10x, within this run.
     "lr_too_high": Story(10.0, moral="The damage came early in the warm-up, within the guard's first tens of steps "
                          "of history; gradwatch held the spikes, and on evidence of harm enabled clipping and lowered "
-                         "the learning rate, which limits the harm but cannot undo it; once the run is healthy again the "
-                         "watchdog gives the learning rate back stepwise. The alert is the signal to fix the schedule."),
+                         "the learning rate, which limits the harm but cannot undo it; once the run has been healthy for "
+                         "restore_after, the watchdog gives the learning rate back stepwise. The alert is the signal to fix the schedule."),
 }
 # Denser than the agent's defaults (every=50, detail_every=250) for a smoother picture;
 # the default pack behaves the same either way.
