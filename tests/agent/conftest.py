@@ -1,6 +1,7 @@
 import pytest
 
 import gradwatch.agent
+from tests.agent.fake_watchdog import FakeWatchdog
 
 
 @pytest.fixture
@@ -23,3 +24,15 @@ def attach():
 def sample(agent, name: str, **labels) -> float | None:
     """A value read back through the agent's own Prometheus registry."""
     return agent.registry.get_sample_value(name, {"run": agent.config.run, "rank": "0", **labels})
+
+
+SECRET = b"test-secret"
+
+
+@pytest.fixture
+def watchdog(monkeypatch):
+    """A fake watchdog holding the shared command secret, which the agents read from GRADWATCH_SECRET."""
+    monkeypatch.setenv("GRADWATCH_SECRET", SECRET.decode())
+    wd = FakeWatchdog(SECRET)
+    yield wd
+    wd.close()

@@ -19,19 +19,11 @@ import torch
 from gradwatch.agent import telemetry
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
-from tests.agent.fake_watchdog import FakeWatchdog
+from tests.agent.conftest import SECRET
 from tests.agent.models import MLP, loss_of
 
-SECRET = b"test-secret"
 WATCHDOG_UA = "gradwatch-watchdog/0.1.0"  # what watchdog/sources/scrape.py sends
 
-
-@pytest.fixture
-def watchdog(monkeypatch):
-    monkeypatch.setenv("GRADWATCH_SECRET", SECRET.decode())
-    wd = FakeWatchdog(SECRET)
-    yield wd
-    wd.close()
 
 
 def trainer(model, opt, agent, seed: int = 0):

@@ -7,18 +7,10 @@ import torch
 
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
-from tests.agent.fake_watchdog import FakeWatchdog
+from tests.agent.conftest import SECRET
 from tests.agent.models import MLP, loss_of
 
-SECRET = b"test-secret"
 
-
-@pytest.fixture
-def watchdog(monkeypatch):
-    monkeypatch.setenv("GRADWATCH_SECRET", SECRET.decode())
-    wd = FakeWatchdog(SECRET)
-    yield wd
-    wd.close()
 
 
 def trainer(model, opt, agent, scheduler=None):

@@ -9,18 +9,9 @@ import pytest
 import torch
 
 from tests.agent.conftest import sample
-from tests.agent.fake_watchdog import FakeWatchdog
 from tests.agent.models import MLP, loss_of
 
-SECRET = b"test-secret"
 
-
-@pytest.fixture
-def watchdog(monkeypatch):
-    monkeypatch.setenv("GRADWATCH_SECRET", SECRET.decode())
-    wd = FakeWatchdog(SECRET)
-    yield wd
-    wd.close()
 
 
 class Loop:

@@ -5,17 +5,8 @@ import time
 import pytest
 import torch
 
-from tests.agent.fake_watchdog import FakeWatchdog
-
-SECRET = b"adapter-secret"
 
 
-@pytest.fixture
-def watchdog(monkeypatch):
-    monkeypatch.setenv("GRADWATCH_SECRET", SECRET.decode())
-    wd = FakeWatchdog(SECRET)
-    yield wd
-    wd.close()
 
 
 def send(watchdog, agent, specs: list[dict], timeout: float = 10.0) -> None:
