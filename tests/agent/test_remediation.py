@@ -7,7 +7,6 @@ import torch
 
 from gradwatch.watchdog import metric_names as m
 from tests.agent.conftest import sample
-from tests.agent.conftest import SECRET
 from tests.agent.models import MLP, loss_of
 
 
